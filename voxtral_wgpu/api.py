@@ -1,0 +1,169 @@
+"""Public entry points: ``load`` a checkpoint, ``Model.transcribe`` audio."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import audio as audio_mod
+from .config import ModelConfig
+from .gpu import Gpu
+from .model import Model as _GraphModel
+from .model import MAX_CHUNK_POSITIONS, MEL_FRAMES_PER_POSITION, Session
+from .tokenizer import Tekken
+from .weights import load_safetensors
+
+DEFAULT_REPO = "mistralai/Voxtral-Mini-4B-Realtime-2602"
+
+
+@dataclass
+class Transcription:
+    """What ``Model.transcribe`` returns.
+
+    ``text``: the transcript, stripped. ``token_ids``: every generated id in order, specials
+    included (``[STREAMING_PAD]``, ``[STREAMING_WORD]``, ...), prompt excluded, EOS excluded.
+    """
+
+    text: str
+    token_ids: list[int]
+    duration_s: float = 0.0  # seconds of input audio
+    transcription_delay_ms: int = 480
+    timings: dict = field(default_factory=dict)
+
+
+class Model(_GraphModel):
+    """A loaded Voxtral Realtime model. Create with :func:`voxtral_wgpu.load`."""
+
+    def _n_delay(self, transcription_delay_ms: int | None) -> tuple[int, int]:
+        ms = self.default_delay_ms if transcription_delay_ms is None else transcription_delay_ms
+        return int(ms), audio_mod.delay_ms_to_tokens(ms)
+
+    def transcribe(self, audio, *, transcription_delay_ms: int | None = None, progress: bool | None = None
+                   ) -> Transcription:
+        """Transcribe a whole recording.
+
+        ``audio``: a file path (any format libsndfile reads; resampled to 16 kHz, mixed to mono) or
+        a 1-D float32 NumPy array of 16 kHz samples. ``transcription_delay_ms``: 80..2400 in steps
+        of 80 (default: the model's, 480 ms). ``progress``: a progress bar on stderr (default: on
+        for audio longer than 60 s when stderr is a terminal)."""
+        from ._native import log_mel
+
+        delay_ms, n_delay = self._n_delay(transcription_delay_ms)
+        samples = audio_mod.load_audio(audio)
+        t0 = time.perf_counter()
+        left, right = audio_mod.padding(len(samples), n_delay, self.n_left_pad)
+        padded = np.concatenate([np.zeros(left, np.float32), samples, np.zeros(right, np.float32)])
+        mel = log_mel(padded)  # [P/160, 128]
+        n_positions = len(padded) // audio_mod.SAMPLES_PER_TOKEN
+        t_mel = time.perf_counter()
+        session = Session(self, n_delay)
+        session.close(n_positions)
+        if progress is None:
+            progress = len(samples) > 60 * audio_mod.SAMPLE_RATE and sys.stderr.isatty()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_positions, unit="pos", desc="transcribing", file=sys.stderr, leave=False)
+        chunk = MEL_FRAMES_PER_POSITION * MAX_CHUNK_POSITIONS  # encoder and decoder interleave chunk by chunk
+        for i in range(0, len(mel), chunk):
+            session.push_mel(mel[i:i + chunk])
+            session.decode()
+            if bar is not None:
+                bar.n = min(session.next_pos, n_positions)
+                bar.refresh()
+            if session.done:
+                break
+        session.decode()
+        if bar is not None:
+            bar.close()
+        t_end = time.perf_counter()
+        ids = session.generated
+        return Transcription(
+            text=self.tokenizer.decode(ids).strip(), token_ids=list(ids),
+            duration_s=len(samples) / audio_mod.SAMPLE_RATE, transcription_delay_ms=delay_ms,
+            timings={"mel_s": t_mel - t0, "model_s": t_end - t_mel, "steps": max(session.next_pos - len(session.prompt_ids) + 1, 0)},
+        )
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    """A model directory, a .gguf file, or a HF repo id found in the local HF cache."""
+    if path is None:
+        path = DEFAULT_REPO
+    p = Path(os.fsdecode(path)).expanduser()
+    if p.exists():
+        return p
+    s = os.fsdecode(path)
+    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(s, local_files_only=True,
+                                          allow_patterns=["params.json", "consolidated.safetensors", "tekken.json",
+                                                          "*.gguf", "*.gguf.part-*"]))
+        except Exception as e:  # LocalEntryNotFoundError, offline mode, ...
+            raise FileNotFoundError(
+                f"model {s!r} is neither a local path nor in the local Hugging Face cache ({type(e).__name__}). "
+                f"Download it first, e.g. `huggingface-cli download {s}`, or pass the model directory"
+            ) from None
+    raise FileNotFoundError(f"model path {p} does not exist")
+
+
+def load(path: str | os.PathLike | None = None, *, transcription_delay_ms: int | None = None,
+         tokenizer: str | os.PathLike | None = None, gpu: Gpu | None = None, progress: bool | None = None) -> Model:
+    """Load a Voxtral Mini 4B Realtime checkpoint onto the GPU.
+
+    ``path``: a Mistral-native directory (params.json, consolidated.safetensors in BF16,
+    tekken.json), a ``.gguf`` file, or a Hugging Face repo id present in the local cache (default
+    ``mistralai/Voxtral-Mini-4B-Realtime-2602``). ``transcription_delay_ms``: the default delay of
+    this model's transcriptions (None: tekken.json's, 480 ms). ``tokenizer``: tekken.json when it
+    does not sit beside the weights."""
+    root = resolve_model_path(path)
+    if gpu is None:
+        gpu = Gpu()
+    if root.is_file() or root.name.endswith(".gguf.part-000"):
+        from .gguf_loader import load_gguf  # Q4_0 / Q8_0 path
+
+        weights, tok_path = load_gguf(gpu, root, tokenizer=tokenizer, progress=progress)
+    else:
+        tok_path = Path(tokenizer) if tokenizer is not None else root / "tekken.json"
+        cfg = ModelConfig.from_file(root / "params.json")
+        tok = Tekken.from_file(tok_path)  # fail on a missing tokenizer before reading gigabytes
+        bar = _progress_bar(progress, "loading")
+        weights = load_safetensors(gpu, root, cfg, progress=bar)
+        if bar is not None:
+            bar.close()
+    tok = Tekken.from_file(tok_path)
+    if tok.vocab_size != weights.cfg.decoder.vocab_size:
+        raise ValueError(f"{tok_path}: vocabulary of {tok.vocab_size} ids, but the model has "
+                         f"{weights.cfg.decoder.vocab_size} embedding rows")
+    if transcription_delay_ms is not None:
+        audio_mod.delay_ms_to_tokens(transcription_delay_ms)  # validate early
+    return Model(gpu, weights, tok, transcription_delay_ms=transcription_delay_ms)
+
+
+class _Bar:
+    def __init__(self, desc):
+        from tqdm import tqdm
+
+        self.t = tqdm(desc=desc, unit="tensor", file=sys.stderr, leave=False)
+
+    def __call__(self, done, total):
+        self.t.total = total
+        self.t.n = done
+        if done == total or done % 16 == 0:
+            self.t.refresh()
+
+    def close(self):
+        self.t.close()
+
+
+def _progress_bar(progress: bool | None, desc: str):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    return _Bar(desc) if progress else None

@@ -1,0 +1,328 @@
+"""The GPU runtime: device, buffers, cached pipelines and batched dispatch.
+
+Everything the graph needs from wgpu goes through :class:`Gpu`:
+
+* ``Gpu.kernel(shader, entry, **overrides)`` compiles a WGSL entry point once and caches it,
+  keyed by (file, entry point, override constants). The bind-group layout is read off the
+  shader's own ``@group(0) @binding(n) var<...>`` declarations, so Python never restates it.
+* ``Gpu.dispatch(kernel, params, buffers, groups)`` records one dispatch into the open compute
+  pass. Binding 0 of every shader is its ``Params`` uniform; all dispatches of a submission share
+  one uniform *arena* bound with a dynamic offset, so bind groups depend only on the storage
+  buffers and are cached: the decode loop creates no GPU objects after the first step.
+* ``Gpu.write`` uploads through the queue; it submits pending work first when that work reads
+  the buffer being overwritten, so host writes are always ordered like program order.
+* ``Gpu.flush`` submits; ``Gpu.read`` flushes and maps.
+
+Buffers are plain ``wgpu.GPUBuffer`` objects; shapes and dtypes live with the callers
+(``ops.py``, ``model.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import wgpu
+
+MAX_INVOCATIONS = 256  # WebGPU core limit we promise to stay under (maxComputeInvocationsPerWorkgroup)
+MAX_GROUPS_PER_DIM = 65535  # WebGPU core maxComputeWorkgroupsPerDimension
+UNIFORM_SLOT = 256  # dynamic-offset granularity (minUniformBufferOffsetAlignment <= 256 everywhere)
+ARENA_BYTES = 1 << 20  # 4096 dispatches per submission before an automatic flush
+
+_BINDING_RE = re.compile(
+    r"@group\(0\)\s*@binding\((\d+)\)\s*var<\s*(storage|uniform)\s*(?:,\s*(read_write|read))?\s*>\s*(\w+)"
+)
+_WORKGROUP_RE = re.compile(r"@workgroup_size\(([^)]*)\)")
+
+STORAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
+
+
+def shader_dir() -> Path:
+    """The WGSL sources: installed inside the package, or the repository's top-level shaders/."""
+    env = os.environ.get("VOXTRAL_WGPU_SHADERS")
+    candidates = ([Path(env)] if env else []) + [
+        Path(__file__).resolve().parent / "shaders",
+        Path(__file__).resolve().parent.parent / "shaders",
+    ]
+    for c in candidates:
+        if (c / "linear.wgsl").is_file():
+            return c
+    raise FileNotFoundError(f"voxtral_wgpu's WGSL shaders were not found (looked in {[str(c) for c in candidates]})")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One compiled compute entry point and how to bind it."""
+
+    name: str
+    pipeline: wgpu.GPUComputePipeline
+    layout: wgpu.GPUBindGroupLayout
+    n_storage: int  # storage bindings 1..n_storage, in binding order
+    params_size: int  # bytes of the Params uniform struct (binding 0)
+
+
+class GpuError(RuntimeError):
+    pass
+
+
+class Gpu:
+    """A wgpu device plus the bookkeeping that keeps dispatching cheap."""
+
+    def __init__(self, *, power_preference: str = "high-performance", adapter=None):
+        if adapter is None:
+            adapter = wgpu.gpu.request_adapter_sync(power_preference=power_preference)
+        if adapter is None:
+            raise GpuError(
+                "no WebGPU adapter found: install a Vulkan, Metal or DX12 driver "
+                "(on Linux without a GPU: Mesa's lavapipe, package mesa-vulkan-drivers)"
+            )
+        self.adapter = adapter
+        limits = adapter.limits
+        # Ask for what the adapter offers on the limits that bound model size; keep the rest default.
+        wanted = {
+            "max-buffer-size": limits["max-buffer-size"],
+            "max-storage-buffer-binding-size": limits["max-storage-buffer-binding-size"],
+            "max-storage-buffers-per-shader-stage": min(limits["max-storage-buffers-per-shader-stage"], 10),
+            "max-compute-workgroup-storage-size": limits["max-compute-workgroup-storage-size"],
+        }
+        self.device = adapter.request_device_sync(required_limits=wanted)
+        self.queue = self.device.queue
+        self.limits = dict(self.device.limits)
+        self.max_binding = int(self.limits["max-storage-buffer-binding-size"])
+        self.max_buffer = int(self.limits["max-buffer-size"])
+        info = adapter.info
+        self.description = f"{info.get('device', '?')} ({info.get('backend_type', '?')})"
+        self._shader_dir = shader_dir()
+        self._sources: dict[str, str] = {}
+        self._modules: dict[tuple, wgpu.GPUShaderModule] = {}
+        self._kernels: dict[tuple, Kernel] = {}
+        self._bind_groups: dict[tuple, tuple] = {}
+        self._arena = self.device.create_buffer(
+            size=ARENA_BYTES, usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST, label="params-arena"
+        )
+        self._arena_data = bytearray()
+        self._encoder = None
+        self._pass = None
+        self._pending_buffers: set[int] = set()
+        self.bytes_allocated = 0  # every storage buffer this Gpu created (for memory reports)
+        self.dispatch_count = 0
+
+    # ------------------------------------------------------------------ buffers
+    def empty(self, nbytes: int, label: str = "") -> wgpu.GPUBuffer:
+        nbytes = max(16, -(-int(nbytes) // 16) * 16)
+        if nbytes > self.max_buffer:
+            raise GpuError(f"buffer {label!r} of {nbytes} bytes exceeds this device's max-buffer-size {self.max_buffer}")
+        buf = self.device.create_buffer(size=nbytes, usage=STORAGE, label=label)
+        self.bytes_allocated += nbytes
+        return buf
+
+    def upload(self, array: np.ndarray, label: str = "") -> wgpu.GPUBuffer:
+        data = np.ascontiguousarray(array)
+        buf = self.empty(data.nbytes, label)
+        if data.nbytes:
+            self.queue.write_buffer(buf, 0, data)
+        return buf
+
+    def write(self, buf: wgpu.GPUBuffer, array, offset: int = 0) -> None:
+        """Queue a host->GPU copy. Work already recorded that uses ``buf`` is submitted first,
+        so the copy lands after it, as program order says."""
+        if id(buf) in self._pending_buffers:
+            self.flush()
+        data = np.ascontiguousarray(array)
+        if data.nbytes % 4:
+            data = np.concatenate([data.view(np.uint8).ravel(), np.zeros(4 - data.nbytes % 4, np.uint8)])
+        self.queue.write_buffer(buf, offset, data)
+
+    def read(self, buf: wgpu.GPUBuffer, dtype=np.float32, count: int | None = None, offset: int = 0) -> np.ndarray:
+        """Submit pending work and copy ``count`` elements back (blocking)."""
+        self.flush()
+        itemsize = np.dtype(dtype).itemsize
+        size = (buf.size - offset) if count is None else count * itemsize
+        size_padded = -(-size // 4) * 4
+        raw = self.queue.read_buffer(buf, offset, size_padded)
+        return np.frombuffer(raw, dtype=np.uint8)[:size].view(dtype).copy()
+
+    def copy(self, src, src_offset: int, dst, dst_offset: int, nbytes: int) -> None:
+        """Record a GPU-side copy (between dispatches, in order)."""
+        if nbytes == 0:
+            return
+        self._end_pass()
+        self._get_encoder().copy_buffer_to_buffer(src, src_offset, dst, dst_offset, nbytes)
+        self._pending_buffers.update((id(src), id(dst)))
+
+    def clear(self, buf, offset: int = 0, nbytes: int | None = None) -> None:
+        self._end_pass()
+        self._get_encoder().clear_buffer(buf, offset, nbytes)
+        self._pending_buffers.add(id(buf))
+
+    # ------------------------------------------------------------------ kernels
+    def source(self, shader: str) -> str:
+        if shader not in self._sources:
+            path = self._shader_dir / f"{shader}.wgsl"
+            self._sources[shader] = path.read_text()
+        return self._sources[shader]
+
+    def kernel(self, shader: str, entry: str, **overrides: float) -> Kernel:
+        key = (shader, entry, tuple(sorted(overrides.items())))
+        k = self._kernels.get(key)
+        if k is not None:
+            return k
+        src = self.source(shader)
+        if shader not in self._modules:
+            self._modules[shader] = self.device.create_shader_module(code=src, label=shader)
+        bindings = {int(b): (space, access or "read", name) for b, space, access, name in _BINDING_RE.findall(src)}
+        if 0 not in bindings or bindings[0][0] != "uniform":
+            raise GpuError(f"{shader}.wgsl: binding 0 must be the Params uniform")
+        entries = []
+        for b in sorted(bindings):
+            space, access, _ = bindings[b]
+            if space == "uniform":
+                entries.append({"binding": b, "visibility": wgpu.ShaderStage.COMPUTE,
+                                "buffer": {"type": "uniform", "has_dynamic_offset": True}})
+            else:
+                kind = "storage" if access == "read_write" else "read-only-storage"
+                entries.append({"binding": b, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": kind}})
+        layout = self.device.create_bind_group_layout(entries=entries, label=f"{shader}.{entry}")
+        pipeline = self.device.create_compute_pipeline(
+            layout=self.device.create_pipeline_layout(bind_group_layouts=[layout]),
+            compute={"module": self._modules[shader], "entry_point": entry, "constants": dict(overrides)},
+            label=f"{shader}.{entry}",
+        )
+        k = Kernel(f"{shader}.{entry}", pipeline, layout, n_storage=len(bindings) - 1,
+                   params_size=_params_size(src, shader))
+        self._kernels[key] = k
+        return k
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, kernel: Kernel, params: bytes, buffers: list, groups) -> None:
+        """Record ``kernel`` over ``groups`` workgroups with ``params`` in its uniform and
+        ``buffers`` at bindings 1.. (a buffer, or a (buffer, offset, size) tuple)."""
+        if len(buffers) != kernel.n_storage:
+            raise GpuError(f"{kernel.name}: {len(buffers)} buffers given, shader declares {kernel.n_storage}")
+        if len(params) > kernel.params_size:
+            raise GpuError(f"{kernel.name}: params of {len(params)} bytes exceed the shader's {kernel.params_size}")
+        gx, gy, gz = (tuple(groups) + (1, 1))[:3]
+        if gx == 0 or gy == 0 or gz == 0:
+            return
+        if max(gx, gy, gz) > MAX_GROUPS_PER_DIM:
+            raise GpuError(f"{kernel.name}: dispatch {groups} exceeds {MAX_GROUPS_PER_DIM} workgroups per dimension")
+        slot = -(-max(len(params), kernel.params_size) // UNIFORM_SLOT) * UNIFORM_SLOT
+        if len(self._arena_data) + slot > ARENA_BYTES:
+            self.flush()
+        offset = len(self._arena_data)
+        self._arena_data += params
+        self._arena_data += bytes(slot - len(params))
+        bg = self._bind_group(kernel, buffers)
+        p = self._get_pass()
+        p.set_pipeline(kernel.pipeline)
+        p.set_bind_group(0, bg, [offset])
+        p.dispatch_workgroups(gx, gy, gz)
+        self.dispatch_count += 1
+        for b in buffers:
+            self._pending_buffers.add(id(b[0] if isinstance(b, tuple) else b))
+
+    def _bind_group(self, kernel: Kernel, buffers: list) -> wgpu.GPUBindGroup:
+        norm = [b if isinstance(b, tuple) else (b, 0, b.size) for b in buffers]
+        key = (id(kernel.layout),) + tuple((id(b), o, s) for b, o, s in norm)
+        cached = self._bind_groups.get(key)
+        if cached is None:
+            entries = [{"binding": 0, "resource": {"buffer": self._arena, "offset": 0, "size": kernel.params_size}}]
+            for i, (b, o, s) in enumerate(norm):
+                entries.append({"binding": i + 1, "resource": {"buffer": b, "offset": o, "size": s}})
+            bg = self.device.create_bind_group(layout=kernel.layout, entries=entries)
+            # the key holds ids: keep the buffers alive as long as the cached group exists
+            cached = self._bind_groups[key] = (bg, [b for b, _, _ in norm])
+        return cached[0]
+
+    def forget(self, *buffers) -> None:
+        """Drop cached bind groups that use any of ``buffers`` (call before releasing them)."""
+        ids = {id(b) for b in buffers}
+        for key in [k for k in self._bind_groups if any(e[0] in ids for e in k[1:])]:
+            del self._bind_groups[key]
+
+    def _get_encoder(self):
+        if self._encoder is None:
+            self._encoder = self.device.create_command_encoder()
+        return self._encoder
+
+    def _get_pass(self):
+        if self._pass is None:
+            self._pass = self._get_encoder().begin_compute_pass()
+        return self._pass
+
+    def _end_pass(self):
+        if self._pass is not None:
+            self._pass.end()
+            self._pass = None
+
+    def flush(self) -> None:
+        """Submit everything recorded so far."""
+        if self._encoder is None:
+            return
+        self._end_pass()
+        if self._arena_data:
+            self.queue.write_buffer(self._arena, 0, bytes(self._arena_data))
+        self.queue.submit([self._encoder.finish()])
+        self._encoder = None
+        self._arena_data = bytearray()
+        self._pending_buffers.clear()
+
+    def sync(self) -> None:
+        """Flush and wait until the GPU is idle."""
+        self.flush()
+        if hasattr(self.queue, "on_submitted_work_done_sync"):
+            self.queue.on_submitted_work_done_sync()
+        else:  # older wgpu-py
+            self.read(self._arena, np.uint8, 4)
+
+
+def _params_size(src: str, shader: str) -> int:
+    """Size of ``struct Params`` in the shader, from its field list (u32/i32/f32 scalars and
+    ``array<vec4<f32>, N>`` tails only, so the layout is the packed C layout rounded to 16)."""
+    m = re.search(r"struct\s+Params\s*\{([^}]*)\}", src)
+    if not m:
+        raise GpuError(f"{shader}.wgsl has no struct Params")
+    size = 0
+    for field in m.group(1).split(","):
+        field = field.split("//")[0].strip()
+        if not field:
+            continue
+        ty = field.split(":", 1)[1].strip()
+        if ty in ("u32", "i32", "f32"):
+            size += 4
+        else:
+            am = re.fullmatch(r"array<\s*vec4<\s*(?:f32|u32|i32)\s*>\s*,\s*(\d+)\s*>", ty)
+            if not am:
+                raise GpuError(f"{shader}.wgsl: unsupported Params field type {ty!r}")
+            size = -(-size // 16) * 16 + 16 * int(am.group(1))
+    return max(16, -(-size // 16) * 16)
+
+
+def pack_params(*fields) -> bytes:
+    """Pack a Params struct: Python ints as u32 (negative as i32), floats as f32, numpy float
+    arrays as a 16-byte-aligned vec4<f32> tail."""
+    out = bytearray()
+    for f in fields:
+        if isinstance(f, np.ndarray):
+            out += bytes(-len(out) % 16)
+            a = np.ascontiguousarray(f, dtype=np.float32).ravel()
+            a = np.concatenate([a, np.zeros(-len(a) % 4, np.float32)])
+            out += a.tobytes()
+        elif isinstance(f, (bool, int, np.integer)):
+            out += struct.pack("<i" if f < 0 else "<I", int(f))
+        else:
+            out += struct.pack("<f", float(f))
+    return bytes(out)
+
+
+def groups_2d(n: int) -> tuple[int, int]:
+    """Split ``n`` workgroups over (x, y) so x stays <= 65535; shaders rebuild the flat index as
+    ``wid.x + wid.y * num_workgroups.x`` and skip indices >= n."""
+    if n <= MAX_GROUPS_PER_DIM:
+        return (max(n, 0), 1)
+    y = -(-n // MAX_GROUPS_PER_DIM)
+    return (-(-n // y), y)

@@ -1,0 +1,379 @@
+"""The Voxtral Realtime graph: encoder, adapter and decoder as lists of op calls.
+
+One :class:`Session` is one transcription, offline or streaming: it receives log-mel frames as
+they become available and decodes every position whose audio is complete. Offline transcription
+is the same session fed the whole padded signal at once, so streaming equals offline by
+construction (spec §6.3).
+
+Shapes are written ``[rows, cols]`` with the real model's sizes in comments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ops
+from .config import ModelConfig
+from .gpu import Gpu
+from .ops import ACT_GELU, Mat
+from .weights import Weights
+
+MEL_FRAMES_PER_POSITION = 8  # 80 ms of 10 ms hops
+ENC_FRAMES_PER_POSITION = 4  # after the stride-2 conv
+CONV0_CONTEXT = 3  # mel frames carried into a chunk: conv0 (k3, left pad 2) + one frame to rebuild g0[-1]
+MAX_CHUNK_POSITIONS = 32  # positions per encoder batch (128 encoder rows); larger inputs are split
+TOKEN_RING = 4096  # token-id ring on the GPU (prompt + generated), read back every READBACK_STEPS
+READBACK_STEPS = 16
+
+
+def time_embedding(t: float, dim: int, theta: float = 10000.0) -> np.ndarray:
+    """Sinusoidal embedding of the delay, ``[cos(t*f), sin(t*f)]`` (cos first; spec §5.1)."""
+    half = dim // 2
+    inv = np.exp(-math.log(theta) * np.arange(half, dtype=np.float64) / half)
+    return np.concatenate([np.cos(t * inv), np.sin(t * inv)])
+
+
+def gelu64(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def ada_scales(weights: Weights, n_delay: int) -> list[np.ndarray]:
+    """Per decoder layer ``1 + W_up GELU(W_down t_cond)`` for this delay (float64 on the host)."""
+    t_cond = time_embedding(float(n_delay), weights.cfg.decoder.dim)
+    out = []
+    for layer in weights.dec_layers:
+        h = gelu64(layer.ada_down.astype(np.float64) @ t_cond)
+        out.append(1.0 + layer.ada_up.astype(np.float64) @ h)
+    return out
+
+
+class Model:
+    """A loaded model on one GPU: weights, shared kernels and per-delay constants."""
+
+    def __init__(self, gpu: Gpu, weights: Weights, tokenizer, *, transcription_delay_ms: int | None = None):
+        self.gpu = gpu
+        self.weights = weights
+        self.cfg: ModelConfig = weights.cfg
+        self.tokenizer = tokenizer
+        self.default_delay_ms = int(transcription_delay_ms if transcription_delay_ms is not None
+                                    else tokenizer.audio.transcription_delay_ms)
+        self.n_left_pad = int(tokenizer.audio.streaming_n_left_pad_tokens)
+        self._ffn_norms: dict[int, list] = {}
+        self.argmax = ops.Argmax(gpu, self.cfg.decoder.vocab_size)
+
+    def ffn_norms(self, n_delay: int) -> list:
+        """Decoder FFN norm weights with the delay's ada scale folded in (``g * (1 + s)``), on the GPU."""
+        if n_delay not in self._ffn_norms:
+            scales = ada_scales(self.weights, n_delay)
+            self._ffn_norms[n_delay] = [
+                self.gpu.upload((layer.ffn_norm_host.astype(np.float64) * s).astype(np.float32), f"ffn_norm{i}")
+                for i, (layer, s) in enumerate(zip(self.weights.dec_layers, scales))
+            ]
+        return self._ffn_norms[n_delay]
+
+    def prompt(self, n_delay: int) -> list[int]:
+        """``[BOS] + [STREAMING_PAD] * (n_left_pad + n_delay)``: 39 ids at 480 ms (spec §6.1)."""
+        t = self.tokenizer
+        return [t.bos_id] + [t.streaming_pad_id] * (self.n_left_pad + n_delay)
+
+
+@dataclass
+class _EncoderState:
+    """Buffers of the incremental encoder; S = 4 * MAX_CHUNK_POSITIONS rows at most (128)."""
+
+    mel: object  # f32 [CONV0_CONTEXT + 2S, 128]  mel frames, carried context first
+    g0: object  # f32 [1 + 2S, enc_dim]  GELU(conv0) incl. the carried frame g0[-1]
+    h: object  # f32 [S, 1280]  residual stream
+    xb: object  # f32 [S, 1280]  normed input of attention / FFN
+    q: object  # f32 [S, 2048]
+    k: object  # f32 [S, 2048]
+    v: object  # f32 [S, 2048]
+    att: object  # f32 [S, 2048]
+    f1: object  # f32 [S, 5120]
+    f3: object  # f32 [S, 5120]
+    out: object  # f32 [S, 1280]  after the final norm = [S/4, 5120] adapter input
+    a1: object  # f32 [S/4, 3072]  adapter hidden
+    rope: object  # f32 [S, head_dim/2, 2]
+    k_cache: list  # per layer f32 [cap, n_kv_heads*head_dim]
+    v_cache: list
+    cap: int
+
+
+@dataclass
+class _DecoderState:
+    x: object  # f32 [R, 3072] residual stream, R = prompt length (prefill rows)
+    xb: object  # f32 [R, 3072]
+    q: object  # f32 [R, 4096]
+    k: object  # f32 [R, 1024]
+    v: object  # f32 [R, 1024]
+    att: object  # f32 [R, 4096]
+    f1: object  # f32 [R, 9216]
+    f3: object  # f32 [R, 9216]
+    z: object  # f32 [1, 3072] final-normed last row
+    logits: object  # f32 [vocab]
+    rope: object  # f32 [R, head_dim/2, 2]
+    audio: object  # f32 [acap, 3072] audio-embedding ring
+    acap: int
+    tokens: object  # u32 [TOKEN_RING] token id at decoder position p in slot p % TOKEN_RING
+    k_cache: list  # per layer f32 [cap, 1024]
+    v_cache: list
+    cap: int
+    max_cap: int
+
+
+class Session:
+    """One transcription: incremental encoder, adapter, and greedy decoder.
+
+    ``push_mel(frames)`` accepts any number of log-mel frames ``[n, 128]``; ``close(n_positions)``
+    declares the end (offline: the padded length in positions). ``decode()`` runs every decoder
+    step whose audio embedding exists and returns the new token ids.
+    """
+
+    def __init__(self, model: Model, n_delay: int):
+        self.model = model
+        self.gpu = model.gpu
+        self.cfg = model.cfg
+        self.n_delay = n_delay
+        self.prompt_ids = model.prompt(n_delay)
+        self.ffn_norms = model.ffn_norms(n_delay)
+        e, d = self.cfg.encoder, self.cfg.decoder
+        if e.downsample_factor != ENC_FRAMES_PER_POSITION:
+            raise ValueError(f"downsample_factor {e.downsample_factor} unsupported: the 12.5 Hz decoder clock "
+                             f"needs {ENC_FRAMES_PER_POSITION} encoder frames per position")
+        self.enc = self._encoder_state()
+        self.dec = self._decoder_state()
+        self._mel_pending = np.zeros((0, e.num_mel_bins), np.float32)
+        self._mel_context = np.zeros((CONV0_CONTEXT, e.num_mel_bins), np.float32)
+        self.positions_encoded = 0  # audio embeddings produced
+        self.next_pos = 0  # next decoder position to run (its output is the token at next_pos + 1)
+        self.prefilled = False
+        self.total_positions: int | None = None  # known once the input is closed
+        self.tokens_read_until = len(self.prompt_ids)  # first decoder position not yet read back
+        self.generated: list[int] = []
+        self.done = False
+
+    # ------------------------------------------------------------------ allocation
+    def _encoder_state(self) -> _EncoderState:
+        g, e = self.gpu, self.cfg.encoder
+        S = ENC_FRAMES_PER_POSITION * MAX_CHUNK_POSITIONS
+        f = 4
+        eq, ekv = e.n_heads * e.head_dim, e.n_kv_heads * e.head_dim
+        cap = e.sliding_window + S - 1  # every key a chunk's queries can see survives the chunk's writes
+        return _EncoderState(
+            mel=g.empty(f * (CONV0_CONTEXT + 2 * S) * e.num_mel_bins, "enc.mel"),
+            g0=g.empty(f * (1 + 2 * S) * e.dim, "enc.g0"),
+            h=g.empty(f * S * e.dim, "enc.h"), xb=g.empty(f * S * e.dim, "enc.xb"),
+            q=g.empty(f * S * eq, "enc.q"), k=g.empty(f * S * ekv, "enc.k"), v=g.empty(f * S * ekv, "enc.v"),
+            att=g.empty(f * S * eq, "enc.att"),
+            f1=g.empty(f * S * e.hidden_dim, "enc.f1"), f3=g.empty(f * S * e.hidden_dim, "enc.f3"),
+            out=g.empty(f * S * e.dim, "enc.out"),
+            a1=g.empty(f * MAX_CHUNK_POSITIONS * self.cfg.decoder.dim, "adapter.a1"),
+            rope=g.empty(f * S * e.head_dim, "enc.rope"),
+            k_cache=[g.empty(f * cap * ekv, f"enc.k_cache{i}") for i in range(e.n_layers)],
+            v_cache=[g.empty(f * cap * ekv, f"enc.v_cache{i}") for i in range(e.n_layers)],
+            cap=cap,
+        )
+
+    def _decoder_state(self) -> _DecoderState:
+        g, d = self.gpu, self.cfg.decoder
+        R = len(self.prompt_ids)
+        f = 4
+        dq, dkv = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+        acap = MAX_CHUNK_POSITIONS + R + 1
+        max_cap = d.sliding_window + R - 1  # the prefill's R rows are written before they attend
+        cap = min(max_cap, max(256, R))  # grows (doubling) up to max_cap as the session lengthens
+        tokens = g.empty(4 * TOKEN_RING, "dec.tokens")
+        g.write(tokens, np.asarray(self.prompt_ids, np.uint32))
+        return _DecoderState(
+            x=g.empty(f * R * d.dim, "dec.x"), xb=g.empty(f * R * d.dim, "dec.xb"),
+            q=g.empty(f * R * dq, "dec.q"), k=g.empty(f * R * dkv, "dec.k"), v=g.empty(f * R * dkv, "dec.v"),
+            att=g.empty(f * R * dq, "dec.att"),
+            f1=g.empty(f * R * d.hidden_dim, "dec.f1"), f3=g.empty(f * R * d.hidden_dim, "dec.f3"),
+            z=g.empty(f * d.dim, "dec.z"), logits=g.empty(f * d.vocab_size, "dec.logits"),
+            rope=g.empty(f * R * d.head_dim, "dec.rope"),
+            audio=g.empty(f * acap * d.dim, "dec.audio"), acap=acap, tokens=tokens,
+            k_cache=[g.empty(f * cap * dkv, f"dec.k_cache{i}") for i in range(d.n_layers)],
+            v_cache=[g.empty(f * cap * dkv, f"dec.v_cache{i}") for i in range(d.n_layers)],
+            cap=cap, max_cap=max_cap,
+        )
+
+    def _grow_decoder_cache(self, positions_needed: int) -> None:
+        """Double the decoder KV ring (up to ``max_cap``) before it would wrap early."""
+        d, st = self.cfg.decoder, self.dec
+        if positions_needed <= st.cap or st.cap >= st.max_cap:
+            return
+        new_cap = st.cap
+        while new_cap < positions_needed and new_cap < st.max_cap:
+            new_cap = min(2 * new_cap, st.max_cap)
+        dkv = d.n_kv_heads * d.head_dim
+        old = st.k_cache + st.v_cache
+        for caches in (st.k_cache, st.v_cache):
+            for i, buf in enumerate(caches):
+                new = self.gpu.empty(4 * new_cap * dkv, buf.label)
+                self.gpu.copy(buf, 0, new, 0, 4 * st.cap * dkv)  # no wrap yet: slot == position
+                caches[i] = new
+        self.gpu.flush()
+        self.gpu.forget(*old)
+        self.gpu.bytes_allocated -= sum(b.size for b in old)
+        for b in old:
+            b.destroy()
+        st.cap = new_cap
+
+    # ------------------------------------------------------------------ input
+    def push_mel(self, frames: np.ndarray) -> None:
+        if len(frames):
+            self._mel_pending = np.concatenate([self._mel_pending, np.asarray(frames, np.float32)])
+
+    def close(self, total_positions: int) -> None:
+        """The input ends at ``total_positions`` positions (all their mel frames pushed)."""
+        self.total_positions = total_positions
+
+    # ------------------------------------------------------------------ encoder + adapter
+    def encode_available(self) -> None:
+        """Run the encoder and adapter over every complete position while the audio ring has room."""
+        while True:
+            whole = len(self._mel_pending) // MEL_FRAMES_PER_POSITION
+            room = self.dec.acap - (self.positions_encoded - self.next_pos)
+            n = min(whole, MAX_CHUNK_POSITIONS, room)
+            if n <= 0:
+                return
+            mel = self._mel_pending[: n * MEL_FRAMES_PER_POSITION]
+            self._mel_pending = self._mel_pending[n * MEL_FRAMES_PER_POSITION:]
+            self._encode_chunk(mel, n)
+
+    def _encode_chunk(self, mel: np.ndarray, n: int) -> None:
+        """``n`` positions of mel ``[8n, 128]`` -> ``n`` audio embeddings in the decoder's ring."""
+        g, e, st = self.gpu, self.cfg.encoder, self.enc
+        w = self.model.weights
+        T = MEL_FRAMES_PER_POSITION * n  # mel frames = conv0 outputs
+        S = ENC_FRAMES_PER_POSITION * n  # encoder rows
+        p0 = self.positions_encoded * ENC_FRAMES_PER_POSITION  # absolute encoder position of row 0
+        eq, ekv = e.n_heads * e.head_dim, e.n_kv_heads * e.head_dim
+
+        # conv stem (causal, spec §4.1): rows of the mel buffer are [3 carried frames, T new frames];
+        # conv0 output row j is g0[j - 1] (the first one rebuilds the carried g0[-1]).
+        g.write(st.mel, np.concatenate([self._mel_context, mel]))
+        self._mel_context = np.concatenate([self._mel_context, mel])[-CONV0_CONTEXT:]
+        ops.linear(g, Mat(st.mel, T + 1, 3 * e.num_mel_bins, e.num_mel_bins), w.conv0,
+                   Mat.of(st.g0, T + 1, e.dim), act=ACT_GELU)
+        if self.positions_encoded == 0:
+            g.clear(st.g0, 0, 4 * e.dim)  # conv1's causal left pad is zero, not conv0(zeros)
+        h = Mat.of(st.h, S, e.dim)
+        ops.linear(g, Mat(st.g0, S, 3 * e.dim, 2 * e.dim), w.conv1, h, act=ACT_GELU)
+
+        # transformer (spec §4.2)
+        g.write(st.rope, ops.rope_table(np.arange(p0, p0 + S), e.head_dim, e.rope_theta))
+        xb, q, k, v = Mat.of(st.xb, S, e.dim), Mat.of(st.q, S, eq), Mat.of(st.k, S, ekv), Mat.of(st.v, S, ekv)
+        att, f1, f3 = Mat.of(st.att, S, eq), Mat.of(st.f1, S, e.hidden_dim), Mat.of(st.f3, S, e.hidden_dim)
+        for i, layer in enumerate(w.enc_layers):
+            ops.rms_norm(g, h, layer.attention_norm, xb, e.norm_eps)
+            ops.linear(g, xb, layer.wq, q)
+            ops.linear(g, xb, layer.wk, k)
+            ops.linear(g, xb, layer.wv, v)
+            ops.rope(g, st.rope, q, e.n_heads, e.head_dim)
+            ops.rope(g, st.rope, k, e.n_kv_heads, e.head_dim)
+            ops.kv_write(g, k, v, st.k_cache[i], st.v_cache[i], p0, st.cap)
+            ops.attention(g, q, st.k_cache[i], st.v_cache[i], att, n_heads=e.n_heads, n_kv_heads=e.n_kv_heads,
+                          head_dim=e.head_dim, pos0=p0, window=e.sliding_window, cap=st.cap)
+            ops.linear(g, att, layer.wo, h, accumulate=True)
+            ops.rms_norm(g, h, layer.ffn_norm, xb, e.norm_eps)
+            ops.linear(g, xb, layer.w1, f1)
+            ops.linear(g, xb, layer.w3, f3)
+            ops.swiglu(g, f1, f3)
+            ops.linear(g, f1, layer.w2, h, accumulate=True)
+        out = Mat.of(st.out, S, e.dim)
+        ops.rms_norm(g, h, w.enc_norm, out, e.norm_eps)
+
+        # adapter (spec §4.3): 4 consecutive frames -> one row, Linear -> GELU -> Linear, into the ring
+        d = self.cfg.decoder
+        a1 = Mat.of(st.a1, n, d.dim)
+        ops.linear(g, out.reshape_rows(ENC_FRAMES_PER_POSITION), w.adapter0, a1, act=ACT_GELU)
+        ring = Mat.of(self.dec.audio, self.dec.acap, d.dim)
+        first = self.positions_encoded % self.dec.acap
+        head = min(n, self.dec.acap - first)
+        ops.linear(g, a1.take(0, head), w.adapter2, ring.take(first, head))
+        if head < n:
+            ops.linear(g, a1.take(head, n - head), w.adapter2, ring.take(0, n - head))
+        self.positions_encoded += n
+
+    # ------------------------------------------------------------------ decoder
+    def _decoder_rows(self, p0: int, rows: int, *, head: bool) -> None:
+        """Decoder forward over positions ``p0 .. p0+rows-1``; with ``head``, the argmax of the
+        last row's logits becomes the token at position ``p0 + rows`` (on the GPU)."""
+        g, d, st = self.gpu, self.cfg.decoder, self.dec
+        w = self.model.weights
+        dq, dkv = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+        assert p0 % TOKEN_RING + rows <= TOKEN_RING
+        self._grow_decoder_cache(p0 + rows)
+        x = Mat.of(st.x, rows, d.dim)
+        ops.embed(g, st.tokens, p0 % TOKEN_RING, st.audio, p0, st.acap, w.tok_embeddings, x)
+        g.write(st.rope, ops.rope_table(np.arange(p0, p0 + rows), d.head_dim, d.rope_theta))
+        xb, q, k, v = Mat.of(st.xb, rows, d.dim), Mat.of(st.q, rows, dq), Mat.of(st.k, rows, dkv), Mat.of(st.v, rows, dkv)
+        att, f1, f3 = Mat.of(st.att, rows, dq), Mat.of(st.f1, rows, d.hidden_dim), Mat.of(st.f3, rows, d.hidden_dim)
+        for i, layer in enumerate(w.dec_layers):
+            ops.rms_norm(g, x, layer.attention_norm, xb, d.norm_eps)
+            ops.linear(g, xb, layer.wq, q)
+            ops.linear(g, xb, layer.wk, k)
+            ops.linear(g, xb, layer.wv, v)
+            ops.rope(g, st.rope, q, d.n_heads, d.head_dim)
+            ops.rope(g, st.rope, k, d.n_kv_heads, d.head_dim)
+            ops.kv_write(g, k, v, st.k_cache[i], st.v_cache[i], p0, st.cap)
+            ops.attention(g, q, st.k_cache[i], st.v_cache[i], att, n_heads=d.n_heads, n_kv_heads=d.n_kv_heads,
+                          head_dim=d.head_dim, pos0=p0, window=d.sliding_window, cap=st.cap)
+            ops.linear(g, att, layer.wo, x, accumulate=True)
+            ops.rms_norm(g, x, self.ffn_norms[i], xb, d.norm_eps)  # ada-scaled (spec §5.1)
+            ops.linear(g, xb, layer.w1, f1)
+            ops.linear(g, xb, layer.w3, f3)
+            ops.swiglu(g, f1, f3)
+            ops.linear(g, f1, layer.w2, x, accumulate=True)
+        if head:
+            z = Mat.of(st.z, 1, d.dim)
+            ops.rms_norm(g, x.take(rows - 1, 1), w.norm, z, d.norm_eps)
+            ops.linear(g, z, w.tok_embeddings, Mat.of(st.logits, 1, d.vocab_size))  # tied LM head
+            self.model.argmax(g, st.logits, st.tokens, (p0 + rows) % TOKEN_RING)
+
+    def decode(self) -> list[int]:
+        """Run every decoder step whose audio embedding exists; return the newly generated ids."""
+        n_before = len(self.generated)
+        L = len(self.prompt_ids)
+        while not self.done:
+            self.encode_available()
+            if not self.prefilled:
+                if self.positions_encoded < L:
+                    break
+                self._decoder_rows(0, L - 1, head=False)  # prompt positions 0..L-2 fill the KV cache
+                self.next_pos = L - 1
+                self.prefilled = True
+            # HF generate stops at max_length = total positions, so the last step runs at total - 2.
+            limit = self.positions_encoded
+            if self.total_positions is not None:
+                limit = min(limit, self.total_positions - 1)
+            if self.next_pos >= limit:  # nothing runnable until more audio arrives
+                self._read_tokens()
+                if self.total_positions is not None and self.next_pos >= self.total_positions - 1:
+                    self.done = True
+                break
+            self._decoder_rows(self.next_pos, 1, head=True)
+            self.next_pos += 1
+            self.gpu.flush()  # let the GPU start this step while the host records the next
+            if self.next_pos - self.tokens_read_until >= READBACK_STEPS:
+                self._read_tokens()
+        return self.generated[n_before:]
+
+    def _read_tokens(self) -> None:
+        """Copy the tokens of positions ``tokens_read_until .. next_pos`` back; stop at EOS."""
+        first, last = self.tokens_read_until, self.next_pos  # token at position p is the output of step p-1
+        if last < first or self.done:
+            return
+        ring = self.gpu.read(self.dec.tokens, np.uint32, TOKEN_RING)
+        ids = [int(ring[p % TOKEN_RING]) for p in range(first, last + 1)]
+        self.tokens_read_until = last + 1
+        eos = self.model.tokenizer.eos_id
+        for t in ids:
+            if t == eos:
+                self.done = True
+                break
+            self.generated.append(t)

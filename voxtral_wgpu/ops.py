@@ -1,0 +1,173 @@
+"""One Python function per shader entry point, in the order of ``shaders/``.
+
+Each op takes :class:`Mat` views of f32 activations and weight objects from ``weights.py``, picks
+the kernel variant, packs the ``Params`` uniform and records the dispatch. No op allocates GPU
+memory or reads back: the graph (``model.py``) owns every buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .gpu import Gpu, groups_2d, pack_params
+
+ACT_NONE, ACT_GELU, ACT_SILU = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Mat:
+    """A row-major f32 matrix view ``[rows, cols]`` with row stride ``ld`` (elements), starting at
+    element ``off`` of ``buf``."""
+
+    buf: object
+    rows: int
+    cols: int
+    ld: int
+    off: int = 0
+
+    @staticmethod
+    def of(buf, rows: int, cols: int) -> "Mat":
+        return Mat(buf, rows, cols, cols, 0)
+
+    def take(self, r0: int, n: int) -> "Mat":
+        """Rows ``r0 .. r0+n-1``."""
+        return Mat(self.buf, n, self.cols, self.ld, self.off + r0 * self.ld)
+
+    def cols_(self, c0: int, n: int) -> "Mat":
+        """Columns ``c0 .. c0+n-1`` of every row."""
+        return Mat(self.buf, self.rows, n, self.ld, self.off + c0)
+
+    def reshape_rows(self, group: int) -> "Mat":
+        """View ``group`` consecutive rows as one row (needs contiguous rows)."""
+        assert self.ld == self.cols and self.rows % group == 0
+        return Mat(self.buf, self.rows // group, self.cols * group, self.cols * group, self.off)
+
+
+@dataclass
+class DenseWeight:
+    """``W [n, k]`` in BF16 pairs (``dtype='bf16'``) or F32, split into row chunks that each fit
+    one storage binding; ``chunks`` = [(buffer, first_row, n_rows)]. Optional f32 bias ``[n]``."""
+
+    n: int
+    k: int
+    dtype: str
+    chunks: list
+    bias: object = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.size for b, _, _ in self.chunks) + (self.bias.size if self.bias is not None else 0)
+
+
+def _flat_groups(n_items: int, per_group: int = 256) -> tuple[int, int]:
+    return groups_2d(-(-n_items // per_group))
+
+
+def linear(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool = False) -> None:
+    """``y (+)= act(x @ W^T + b)``; x ``[M, K]``, W ``[N, K]``, y ``[M, N]``."""
+    assert x.cols == w.k and y.cols == w.n and x.rows == y.rows, (x, w.n, w.k, y)
+    if x.rows == 0:
+        return
+    dtype = getattr(w, "dtype", "bf16")
+    if dtype in ("q4_0", "q8_0"):
+        from . import ops_quant  # the quantised kernels have their own shader family
+
+        return ops_quant.linear(gpu, x, w, y, act=act, accumulate=accumulate)
+    bf16 = dtype == "bf16"
+    bias = w.bias
+    for buf, row0, nrows in w.chunks:
+        use_mv = x.rows <= 4 and w.k % 2 == 0
+        k = gpu.kernel("linear", "matvec" if use_mv else "matmul", W_BF16=bf16)
+        params = pack_params(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0,
+                             int(bias is not None), row0, act, int(accumulate))
+        groups = groups_2d(-(-nrows // 8)) if use_mv else (-(-nrows // 64), -(-x.rows // 64))
+        gpu.dispatch(k, params, [x.buf, buf, bias if bias is not None else buf, y.buf], groups)
+
+
+def rms_norm(gpu: Gpu, x: Mat, g, y: Mat, eps: float) -> None:
+    """``y = x * rsqrt(mean(x^2) + eps) * g`` row by row; g f32 ``[cols]``."""
+    assert x.rows == y.rows and x.cols == y.cols
+    k = gpu.kernel("rms_norm", "rms_norm")
+    gpu.dispatch(k, pack_params(x.rows, x.cols, x.ld, x.off, y.ld, y.off, float(eps)), [x.buf, g, y.buf],
+                 groups_2d(x.rows))
+
+
+def rope(gpu: Gpu, table, v: Mat, n_heads: int, head_dim: int) -> None:
+    """Rotate interleaved pairs of each head of ``v [rows, n_heads*head_dim]`` in place;
+    ``table`` f32 ``[rows, head_dim/2, 2]`` holds (cos, sin) per row."""
+    k = gpu.kernel("rope", "rope")
+    n = v.rows * n_heads * (head_dim // 2)
+    gpu.dispatch(k, pack_params(v.rows, n_heads, head_dim, v.ld, v.off), [table, v.buf], _flat_groups(n))
+
+
+def kv_write(gpu: Gpu, k_new: Mat, v_new: Mat, k_cache, v_cache, pos0: int, cap: int) -> None:
+    """Store rows of ``k_new``/``v_new [rows, width]`` at ring slots ``(pos0 + r) % cap``."""
+    assert k_new.ld == v_new.ld and k_new.rows == v_new.rows
+    kern = gpu.kernel("kv_cache", "kv_write")
+    n = k_new.rows * k_new.cols
+    gpu.dispatch(kern, pack_params(k_new.rows, k_new.cols, k_new.ld, k_new.off, v_new.off, pos0 % cap, cap),
+                 [k_new.buf, v_new.buf, k_cache, v_cache], _flat_groups(n))
+
+
+def attention(gpu: Gpu, q: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_kv_heads: int, head_dim: int,
+              pos0: int, window: int, cap: int) -> None:
+    """Causal sliding-window attention of ``q [rows, n_heads*head_dim]`` (positions pos0..) over the
+    ring cache; writes ``out [rows, n_heads*head_dim]``."""
+    assert head_dim <= 256 and n_heads % n_kv_heads == 0
+    assert pos0 + q.rows <= cap or cap >= window + q.rows - 1, "KV ring too small for this many rows"
+    k = gpu.kernel("attention", "attention")
+    # pos0 enters the shader as u32: past 2^30 shift it down by a multiple of cap (slots are
+    # pos % cap) while keeping it >= window, so the window arithmetic is unchanged.
+    base = ((pos0 - window) // cap) * cap if pos0 >= (1 << 30) else 0
+    params = pack_params(q.rows, n_heads, n_kv_heads, head_dim, pos0 - base, window, cap, q.ld, q.off,
+                         out.ld, out.off, float(head_dim) ** -0.5)
+    gpu.dispatch(k, params, [q.buf, k_cache, v_cache, out.buf], groups_2d(q.rows * n_heads))
+
+
+def swiglu(gpu: Gpu, a: Mat, b: Mat) -> None:
+    """``a = silu(a) * b`` in place over contiguous ``[rows, cols]`` views."""
+    assert a.ld == a.cols and b.ld == b.cols and a.off == b.off == 0 and a.rows * a.cols == b.rows * b.cols
+    n = a.rows * a.cols
+    gpu.dispatch(gpu.kernel("elementwise", "swiglu"), pack_params(n), [a.buf, b.buf], _flat_groups(n))
+
+
+def embed(gpu: Gpu, tokens, tok_off: int, audio, apos0: int, acap: int, table: DenseWeight, out: Mat) -> None:
+    """``out[r] = audio[(apos0 + r) % acap] + E[tokens[tok_off + r]]`` (token ids read on the GPU)."""
+    assert out.ld == out.cols and out.off == 0
+    n = out.rows * out.cols
+    if table.dtype in ("q4_0", "q8_0"):
+        from . import ops_quant
+
+        return ops_quant.embed(gpu, tokens, tok_off, audio, apos0, acap, table, out)
+    for i, (buf, row0, nrows) in enumerate(table.chunks):
+        k = gpu.kernel("embed", "embed", W_BF16=table.dtype == "bf16")
+        params = pack_params(out.rows, out.cols, tok_off, apos0 % acap, acap, row0, nrows, int(i == 0))
+        gpu.dispatch(k, params, [tokens, audio, buf, out.buf], _flat_groups(n))
+
+
+class Argmax:
+    """Greedy argmax over a logits vector into a GPU token log; owns its scratch buffers."""
+
+    def __init__(self, gpu: Gpu, n: int):
+        self.n = n
+        self.n_parts = -(-n // 1024)
+        self.part_v = gpu.empty(4 * self.n_parts, "argmax.part_v")
+        self.part_i = gpu.empty(4 * self.n_parts, "argmax.part_i")
+
+    def __call__(self, gpu: Gpu, logits, tokens, out_index: int) -> None:
+        params = pack_params(self.n, self.n_parts, out_index)
+        bufs = [logits, self.part_v, self.part_i, tokens]
+        gpu.dispatch(gpu.kernel("argmax", "partial"), params, bufs, (self.n_parts, 1))
+        gpu.dispatch(gpu.kernel("argmax", "finish"), params, bufs, (1, 1))
+
+
+def rope_table(positions: np.ndarray, head_dim: int, theta: float) -> np.ndarray:
+    """(cos, sin) of ``pos * theta^(-2i/d)`` for interleaved RoPE, ``[len(positions), d/2, 2]`` f32.
+
+    The angle is formed in float64 and reduced modulo 2*pi before the trig functions, so it stays
+    accurate at any position (a float32 product loses ~pos * 6e-8 rad)."""
+    inv_freq = 1.0 / (float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    ang = np.mod(np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :], 2 * np.pi)
+    return np.stack([np.cos(ang), np.sin(ang)], axis=-1).astype(np.float32)
