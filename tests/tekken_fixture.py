@@ -19,7 +19,14 @@ from pathlib import Path
 import mistral_common
 
 NUM_SPECIAL = 1000
-NAMED_SPECIALS = {0: "<unk>", 1: "<s>", 2: "</s>", 32: "[STREAMING_PAD]", 33: "[STREAMING_WORD]"}
+# Ranks 0-19 in mistral-common's canonical order (Tekkenizer.DEPRECATED_SPECIAL_TOKENS) so that
+# MistralTokenizer / HF's MistralCommonBackend accept the file; 24/25/34-36 are fixture-only guesses
+# (the realtime prompt needs only 1 and 32).
+_CANONICAL = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+              "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+              "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
+NAMED_SPECIALS = {**dict(enumerate(_CANONICAL)), 24: "[AUDIO]", 25: "[BEGIN_AUDIO]", 32: "[STREAMING_PAD]",
+                  33: "[STREAMING_WORD]", 34: "[TRANSCRIBE]", 35: "[ARGS]", 36: "[CALL_ID]"}
 
 REALTIME_AUDIO = {
     "sampling_rate": 16000,

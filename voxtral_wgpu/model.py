@@ -154,6 +154,7 @@ class Session:
         self.tokens_read_until = len(self.prompt_ids)  # first decoder position not yet read back
         self.generated: list[int] = []
         self.done = False
+        self.taps: dict | None = None  # set to {} to collect per-chunk stage outputs (parity tests, debugging)
 
     # ------------------------------------------------------------------ allocation
     def _encoder_state(self) -> _EncoderState:
@@ -263,6 +264,7 @@ class Session:
             g.clear(st.g0, 0, 4 * e.dim)  # conv1's causal left pad is zero, not conv0(zeros)
         h = Mat.of(st.h, S, e.dim)
         ops.linear(g, Mat(st.g0, S, 3 * e.dim, 2 * e.dim), w.conv1, h, act=ACT_GELU)
+        self._tap("conv_stem", st.h, S, e.dim)
 
         # transformer (spec §4.2)
         g.write(st.rope, ops.rope_table(np.arange(p0, p0 + S), e.head_dim, e.rope_theta))
@@ -286,6 +288,7 @@ class Session:
             ops.linear(g, f1, layer.w2, h, accumulate=True)
         out = Mat.of(st.out, S, e.dim)
         ops.rms_norm(g, h, w.enc_norm, out, e.norm_eps)
+        self._tap("encoder", st.out, S, e.dim)
 
         # adapter (spec §4.3): 4 consecutive frames -> one row, Linear -> GELU -> Linear, into the ring
         d = self.cfg.decoder
@@ -297,7 +300,15 @@ class Session:
         ops.linear(g, a1.take(0, head), w.adapter2, ring.take(first, head))
         if head < n:
             ops.linear(g, a1.take(head, n - head), w.adapter2, ring.take(0, n - head))
+        if self.taps is not None:
+            rows = [(self.positions_encoded + r) % self.dec.acap for r in range(n)]
+            full = self.gpu.read(self.dec.audio, np.float32, self.dec.acap * d.dim).reshape(self.dec.acap, d.dim)
+            self.taps.setdefault("adapter", []).append(full[rows])
         self.positions_encoded += n
+
+    def _tap(self, name: str, buf, rows: int, cols: int) -> None:
+        if self.taps is not None:
+            self.taps.setdefault(name, []).append(self.gpu.read(buf, np.float32, rows * cols).reshape(rows, cols))
 
     # ------------------------------------------------------------------ decoder
     def _decoder_rows(self, p0: int, rows: int, *, head: bool) -> None:
@@ -362,6 +373,28 @@ class Session:
             if self.next_pos - self.tokens_read_until >= READBACK_STEPS:
                 self._read_tokens()
         return self.generated[n_before:]
+
+    def teacher_forced_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits ``[len(ids) - L, vocab]`` at positions ``L-1 .. len(ids)-2`` when the decoder is fed
+        ``ids`` (prompt first) instead of its own argmax: the parity check against HF's full forward.
+        Needs the mel of those positions pushed; use on a fresh session."""
+        L = len(self.prompt_ids)
+        if list(ids[:L]) != self.prompt_ids:
+            raise ValueError("ids must start with this session's prompt")
+        vocab = self.cfg.decoder.vocab_size
+        out = []
+        for p in range(L - 1, len(ids) - 1):
+            self.encode_available()
+            if self.positions_encoded <= p:
+                raise ValueError(f"no audio pushed for position {p}")
+            if not self.prefilled:
+                self._decoder_rows(0, L - 1, head=False)
+                self.prefilled = True
+            self.gpu.write(self.dec.tokens, np.asarray([ids[p]], np.uint32), 4 * (p % TOKEN_RING))
+            self._decoder_rows(p, 1, head=True)
+            out.append(self.gpu.read(self.dec.logits, np.float32, vocab))
+            self.next_pos = p + 1
+        return np.stack(out) if out else np.zeros((0, vocab), np.float32)
 
     def _read_tokens(self) -> None:
         """Copy the tokens of positions ``tokens_read_until .. next_pos`` back; stop at EOS."""
