@@ -43,14 +43,15 @@ class Model(_GraphModel):
         ms = self.default_delay_ms if transcription_delay_ms is None else transcription_delay_ms
         return int(ms), audio_mod.delay_ms_to_tokens(ms)
 
-    def transcribe(self, audio, *, transcription_delay_ms: int | None = None, progress: bool | None = None
-                   ) -> Transcription:
+    def transcribe(self, audio, *, transcription_delay_ms: int | None = None, progress: bool | None = None,
+                   stop_on_eos: bool = True) -> Transcription:
         """Transcribe a whole recording.
 
         ``audio``: a file path (any format libsndfile reads; resampled to 16 kHz, mixed to mono) or
         a 1-D float32 NumPy array of 16 kHz samples. ``transcription_delay_ms``: 80..2400 in steps
         of 80 (default: the model's, 480 ms). ``progress``: a progress bar on stderr (default: on
-        for audio longer than 60 s when stderr is a terminal)."""
+        for audio longer than 60 s when stderr is a terminal). ``stop_on_eos=False`` decodes every
+        position (benchmarks on random weights)."""
         from ._native import log_mel
 
         delay_ms, n_delay = self._n_delay(transcription_delay_ms)
@@ -62,6 +63,7 @@ class Model(_GraphModel):
         n_positions = len(padded) // audio_mod.SAMPLES_PER_TOKEN
         t_mel = time.perf_counter()
         session = Session(self, n_delay)
+        session.stop_on_eos = stop_on_eos
         session.close(n_positions)
         if progress is None:
             progress = len(samples) > 60 * audio_mod.SAMPLE_RATE and sys.stderr.isatty()

@@ -105,6 +105,7 @@ class Gpu:
             size=ARENA_BYTES, usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST, label="params-arena"
         )
         self._arena_data = bytearray()
+        self._sync_buf = self.device.create_buffer(size=16, usage=STORAGE, label="sync")
         self._encoder = None
         self._pass = None
         self._pending_buffers: set[int] = set()
@@ -273,11 +274,9 @@ class Gpu:
 
     def sync(self) -> None:
         """Flush and wait until the GPU is idle."""
-        self.flush()
-        if hasattr(self.queue, "on_submitted_work_done_sync"):
-            self.queue.on_submitted_work_done_sync()
-        else:  # older wgpu-py
-            self.read(self._arena, np.uint8, 4)
+        # A 16-byte readback waits for all submitted work (wgpu-py 0.32's on_submitted_work_done
+        # callback signature does not match wgpu-native's, so it cannot be used).
+        self.read(self._sync_buf, np.uint8, 4)
 
 
 def _params_size(src: str, shader: str) -> int:

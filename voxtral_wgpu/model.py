@@ -155,6 +155,7 @@ class Session:
         self.generated: list[int] = []
         self.done = False
         self.taps: dict | None = None  # set to {} to collect per-chunk stage outputs (parity tests, debugging)
+        self.stop_on_eos = True  # benchmarks on random weights turn this off to decode every position
 
     # ------------------------------------------------------------------ allocation
     def _encoder_state(self) -> _EncoderState:
@@ -406,7 +407,7 @@ class Session:
         self.tokens_read_until = last + 1
         eos = self.model.tokenizer.eos_id
         for t in ids:
-            if t == eos:
+            if t == eos and self.stop_on_eos:
                 self.done = True
                 break
             self.generated.append(t)

@@ -252,23 +252,31 @@ class Uploader:
     def dense(self, raw: np.ndarray, dtype: str, label: str, bias: np.ndarray | None = None) -> DenseWeight:
         """A [n, k] matrix as BF16 words (dtype 'BF16') or f32 (anything else), row-chunked to fit
         one storage binding."""
-        n, k = raw.shape
         if dtype == "BF16":
-            data, itemsize, kind = np.ascontiguousarray(raw, dtype=np.uint16), 2, "bf16"
+            data, kind = np.ascontiguousarray(raw, dtype=np.uint16), "bf16"
         else:
-            data, itemsize, kind = np.ascontiguousarray(raw, dtype=np.float32), 4, "f32"
+            data, kind = np.ascontiguousarray(raw, dtype=np.float32), "f32"
+        w = self.allocate_dense(data.shape[0], data.shape[1], kind, label)
+        for buf, r0, nrows in w.chunks:
+            self.gpu.write(buf, data[r0:r0 + nrows])
+        w.bias = self.vector(bias, label + ".bias") if bias is not None else None
+        return w
+
+    def allocate_dense(self, n: int, k: int, kind: str, label: str) -> DenseWeight:
+        """GPU storage for a [n, k] 'bf16' or 'f32' matrix, split into row chunks that each fit one
+        storage binding (the 131072-row embedding exceeds WebGPU's default 128 MiB)."""
+        itemsize = 2 if kind == "bf16" else 4
         limit = min(self.gpu.max_binding, self.gpu.max_buffer)
         rows_per_chunk = max(1, limit // (k * itemsize))
         if kind == "bf16" and rows_per_chunk < n and (rows_per_chunk * k) % 2:
             rows_per_chunk -= 1  # keep chunks on whole u32 words
         chunks = []
         for r0 in range(0, n, rows_per_chunk):
-            part = data[r0:r0 + rows_per_chunk]
-            buf = self.gpu.upload(part, f"{label}[{r0}:]")
-            chunks.append((buf, r0, part.shape[0]))
+            nrows = min(rows_per_chunk, n - r0)
+            buf = self.gpu.empty(nrows * k * itemsize, f"{label}[{r0}:]")
+            chunks.append((buf, r0, nrows))
             self.nbytes += buf.size
-        b = self.vector(bias, label + ".bias") if bias is not None else None
-        return DenseWeight(n, k, kind, chunks, b)
+        return DenseWeight(n, k, kind, chunks, None)
 
 
 def load_safetensors(gpu, model_dir: Path, cfg: ModelConfig, progress=None) -> Weights:
