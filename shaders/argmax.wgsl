@@ -31,8 +31,12 @@ struct Params {
 var<workgroup> rv: array<f32, 256>;
 var<workgroup> ri: array<u32, 256>;
 
+const NONE: u32 = 0xffffffffu;  // "no candidate yet" (scratch slots and invocations past n)
+
+// (v, i) beats (bv, bi): a larger value, or an equal one at a smaller index. Any real index beats
+// NONE whatever its value, so logits that are all -inf (or all -FLT_MAX) still give index 0.
 fn better(v: f32, i: u32, bv: f32, bi: u32) -> bool {
-    return v > bv || (v == bv && i < bi);
+    return i != NONE && (bi == NONE || v > bv || (v == bv && i < bi));
 }
 
 fn reduce(tid: u32) {
@@ -48,7 +52,7 @@ fn reduce(tid: u32) {
 @compute @workgroup_size(256)
 fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     var bv = -3.4e38;
-    var bi = 0xffffffffu;
+    var bi = NONE;
     for (var j = 0u; j < 4u; j++) {
         let i = wid.x * 1024u + j * 256u + tid;
         if (i < p.n && better(logits[i], i, bv, bi)) {
@@ -69,7 +73,7 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
 @compute @workgroup_size(256)
 fn finish(@builtin(local_invocation_index) tid: u32) {
     var bv = -3.4e38;
-    var bi = 0xffffffffu;
+    var bi = NONE;
     for (var i = tid; i < p.n_parts; i += 256u) {
         if (better(part_v[i], part_i[i], bv, bi)) {
             bv = part_v[i];

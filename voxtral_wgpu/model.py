@@ -88,9 +88,7 @@ class _EncoderState:
     g0: object  # f32 [1 + 2S, enc_dim]  GELU(conv0) incl. the carried frame g0[-1]
     h: object  # f32 [S, 1280]  residual stream
     xb: object  # f32 [S, 1280]  normed input of attention / FFN
-    q: object  # f32 [S, 2048]
-    k: object  # f32 [S, 2048]
-    v: object  # f32 [S, 2048]
+    qkv: object  # f32 [S, 2048 + 2*2048]  q | k | v of each row
     att: object  # f32 [S, 2048]
     f1: object  # f32 [S, 5120]
     f3: object  # f32 [S, 5120]
@@ -106,9 +104,8 @@ class _EncoderState:
 class _DecoderState:
     x: object  # f32 [R, 3072] residual stream, R = prompt length (prefill rows)
     xb: object  # f32 [R, 3072]
-    q: object  # f32 [R, 4096]
-    k: object  # f32 [R, 1024]
-    v: object  # f32 [R, 1024]
+    qkv: object  # f32 [R, 4096 + 2*1024]  q | k | v of each row
+    part: object  # f32 split-K attention scratch [32, window/256, 130]
     att: object  # f32 [R, 4096]
     f1: object  # f32 [R, 9216]
     f3: object  # f32 [R, 9216]
@@ -154,6 +151,7 @@ class Session:
         self.tokens_read_until = len(self.prompt_ids)  # first decoder position not yet read back
         self.generated: list[int] = []
         self.done = False
+        self.eos = False  # [stream] True when decoding stopped on EOS (not on the position limit)
         self.taps: dict | None = None  # set to {} to collect per-chunk stage outputs (parity tests, debugging)
         self.stop_on_eos = True  # benchmarks on random weights turn this off to decode every position
 
@@ -168,7 +166,7 @@ class Session:
             mel=g.empty(f * (CONV0_CONTEXT + 2 * S) * e.num_mel_bins, "enc.mel"),
             g0=g.empty(f * (1 + 2 * S) * e.dim, "enc.g0"),
             h=g.empty(f * S * e.dim, "enc.h"), xb=g.empty(f * S * e.dim, "enc.xb"),
-            q=g.empty(f * S * eq, "enc.q"), k=g.empty(f * S * ekv, "enc.k"), v=g.empty(f * S * ekv, "enc.v"),
+            qkv=g.empty(f * S * (eq + 2 * ekv), "enc.qkv"),
             att=g.empty(f * S * eq, "enc.att"),
             f1=g.empty(f * S * e.hidden_dim, "enc.f1"), f3=g.empty(f * S * e.hidden_dim, "enc.f3"),
             out=g.empty(f * S * e.dim, "enc.out"),
@@ -191,7 +189,8 @@ class Session:
         g.write(tokens, np.asarray(self.prompt_ids, np.uint32))
         return _DecoderState(
             x=g.empty(f * R * d.dim, "dec.x"), xb=g.empty(f * R * d.dim, "dec.xb"),
-            q=g.empty(f * R * dq, "dec.q"), k=g.empty(f * R * dkv, "dec.k"), v=g.empty(f * R * dkv, "dec.v"),
+            qkv=g.empty(f * R * (dq + 2 * dkv), "dec.qkv"),
+            part=ops.decode_attention_scratch(g, d.n_heads, d.head_dim, d.sliding_window),
             att=g.empty(f * R * dq, "dec.att"),
             f1=g.empty(f * R * d.hidden_dim, "dec.f1"), f3=g.empty(f * R * d.hidden_dim, "dec.f3"),
             z=g.empty(f * d.dim, "dec.z"), logits=g.empty(f * d.vocab_size, "dec.logits"),
@@ -224,6 +223,21 @@ class Session:
             b.destroy()
         st.cap = new_cap
 
+    def release(self) -> None:
+        """[stream] Free this session's GPU buffers (idempotent); the session is unusable afterwards.
+        The Gpu's bind-group cache keeps buffers alive, so without this every session would leak them."""
+        if getattr(self, "_released", False):
+            return
+        self._released = True
+        self.done = True
+        self.gpu.flush()
+        bufs = [b for st in (self.enc, self.dec) for b in vars(st).values()
+                if not isinstance(b, (int, list))] + self.enc.k_cache + self.enc.v_cache + self.dec.k_cache + self.dec.v_cache
+        self.gpu.forget(*bufs)
+        self.gpu.bytes_allocated -= sum(b.size for b in bufs)
+        for b in bufs:
+            b.destroy()
+
     # ------------------------------------------------------------------ input
     def push_mel(self, frames: np.ndarray) -> None:
         if len(frames):
@@ -247,7 +261,11 @@ class Session:
             self._encode_chunk(mel, n)
 
     def _encode_chunk(self, mel: np.ndarray, n: int) -> None:
-        """``n`` positions of mel ``[8n, 128]`` -> ``n`` audio embeddings in the decoder's ring."""
+        """``n`` positions of mel ``[8n, 128]`` -> ``n`` audio embeddings in the decoder's ring.
+
+        [stream] Every linear here is ``batch_invariant``: a row's result must not depend on how the
+        positions were batched (streaming chunks vs offline's 32-position batches), or streaming would
+        drift from offline by float rounding and flip near-tie tokens."""
         g, e, st = self.gpu, self.cfg.encoder, self.enc
         w = self.model.weights
         T = MEL_FRAMES_PER_POSITION * n  # mel frames = conv0 outputs
@@ -260,33 +278,30 @@ class Session:
         g.write(st.mel, np.concatenate([self._mel_context, mel]))
         self._mel_context = np.concatenate([self._mel_context, mel])[-CONV0_CONTEXT:]
         ops.linear(g, Mat(st.mel, T + 1, 3 * e.num_mel_bins, e.num_mel_bins), w.conv0,
-                   Mat.of(st.g0, T + 1, e.dim), act=ACT_GELU)
+                   Mat.of(st.g0, T + 1, e.dim), act=ACT_GELU, batch_invariant=True)
         if self.positions_encoded == 0:
             g.clear(st.g0, 0, 4 * e.dim)  # conv1's causal left pad is zero, not conv0(zeros)
         h = Mat.of(st.h, S, e.dim)
-        ops.linear(g, Mat(st.g0, S, 3 * e.dim, 2 * e.dim), w.conv1, h, act=ACT_GELU)
+        ops.linear(g, Mat(st.g0, S, 3 * e.dim, 2 * e.dim), w.conv1, h, act=ACT_GELU, batch_invariant=True)
         self._tap("conv_stem", st.h, S, e.dim)
 
         # transformer (spec §4.2)
         g.write(st.rope, ops.rope_table(np.arange(p0, p0 + S), e.head_dim, e.rope_theta))
-        xb, q, k, v = Mat.of(st.xb, S, e.dim), Mat.of(st.q, S, eq), Mat.of(st.k, S, ekv), Mat.of(st.v, S, ekv)
+        xb, qkv = Mat.of(st.xb, S, e.dim), Mat.of(st.qkv, S, eq + 2 * ekv)
         att, f1, f3 = Mat.of(st.att, S, eq), Mat.of(st.f1, S, e.hidden_dim), Mat.of(st.f3, S, e.hidden_dim)
+        # batch_invariant everywhere: a row's result must not depend on how positions were batched
+        # (streaming chunks vs offline batches), or streaming would drift from offline by rounding.
         for i, layer in enumerate(w.enc_layers):
-            ops.rms_norm(g, h, layer.attention_norm, xb, e.norm_eps)
-            ops.linear(g, xb, layer.wq, q)
-            ops.linear(g, xb, layer.wk, k)
-            ops.linear(g, xb, layer.wv, v)
-            ops.rope(g, st.rope, q, e.n_heads, e.head_dim)
-            ops.rope(g, st.rope, k, e.n_kv_heads, e.head_dim)
-            ops.kv_write(g, k, v, st.k_cache[i], st.v_cache[i], p0, st.cap)
-            ops.attention(g, q, st.k_cache[i], st.v_cache[i], att, n_heads=e.n_heads, n_kv_heads=e.n_kv_heads,
-                          head_dim=e.head_dim, pos0=p0, window=e.sliding_window, cap=st.cap)
-            ops.linear(g, att, layer.wo, h, accumulate=True)
-            ops.rms_norm(g, h, layer.ffn_norm, xb, e.norm_eps)
-            ops.linear(g, xb, layer.w1, f1)
-            ops.linear(g, xb, layer.w3, f3)
-            ops.swiglu(g, f1, f3)
-            ops.linear(g, f1, layer.w2, h, accumulate=True)
+            ops.qkv_proj(g, h, layer.wq, layer.wk, layer.wv, qkv, norm=layer.attention_norm, eps=e.norm_eps,
+                         scratch=xb, batch_invariant=True)
+            ops.rope_qkv(g, st.rope, qkv, st.k_cache[i], st.v_cache[i], n_heads=e.n_heads, n_kv_heads=e.n_kv_heads,
+                         head_dim=e.head_dim, pos0=p0, cap=st.cap)
+            ops.attention(g, qkv.cols_(0, eq), st.k_cache[i], st.v_cache[i], att, n_heads=e.n_heads,
+                          n_kv_heads=e.n_kv_heads, head_dim=e.head_dim, pos0=p0, window=e.sliding_window, cap=st.cap)
+            ops.linear(g, att, layer.wo, h, accumulate=True, batch_invariant=True)
+            ops.swiglu_ffn_in(g, h, layer.w1, layer.w3, f1, norm=layer.ffn_norm, eps=e.norm_eps, scratch=xb, tmp=f3,
+                              batch_invariant=True)
+            ops.linear(g, f1, layer.w2, h, accumulate=True, batch_invariant=True)
         out = Mat.of(st.out, S, e.dim)
         ops.rms_norm(g, h, w.enc_norm, out, e.norm_eps)
         self._tap("encoder", st.out, S, e.dim)
@@ -294,13 +309,13 @@ class Session:
         # adapter (spec §4.3): 4 consecutive frames -> one row, Linear -> GELU -> Linear, into the ring
         d = self.cfg.decoder
         a1 = Mat.of(st.a1, n, d.dim)
-        ops.linear(g, out.reshape_rows(ENC_FRAMES_PER_POSITION), w.adapter0, a1, act=ACT_GELU)
+        ops.linear(g, out.reshape_rows(ENC_FRAMES_PER_POSITION), w.adapter0, a1, act=ACT_GELU, batch_invariant=True)
         ring = Mat.of(self.dec.audio, self.dec.acap, d.dim)
         first = self.positions_encoded % self.dec.acap
         head = min(n, self.dec.acap - first)
-        ops.linear(g, a1.take(0, head), w.adapter2, ring.take(first, head))
+        ops.linear(g, a1.take(0, head), w.adapter2, ring.take(first, head), batch_invariant=True)
         if head < n:
-            ops.linear(g, a1.take(head, n - head), w.adapter2, ring.take(0, n - head))
+            ops.linear(g, a1.take(head, n - head), w.adapter2, ring.take(0, n - head), batch_invariant=True)
         if self.taps is not None:
             rows = [(self.positions_encoded + r) % self.dec.acap for r in range(n)]
             full = self.gpu.read(self.dec.audio, np.float32, self.dec.acap * d.dim).reshape(self.dec.acap, d.dim)
@@ -323,28 +338,23 @@ class Session:
         x = Mat.of(st.x, rows, d.dim)
         ops.embed(g, st.tokens, p0 % TOKEN_RING, st.audio, p0, st.acap, w.tok_embeddings, x)
         g.write(st.rope, ops.rope_table(np.arange(p0, p0 + rows), d.head_dim, d.rope_theta))
-        xb, q, k, v = Mat.of(st.xb, rows, d.dim), Mat.of(st.q, rows, dq), Mat.of(st.k, rows, dkv), Mat.of(st.v, rows, dkv)
+        xb, qkv = Mat.of(st.xb, rows, d.dim), Mat.of(st.qkv, rows, dq + 2 * dkv)
         att, f1, f3 = Mat.of(st.att, rows, dq), Mat.of(st.f1, rows, d.hidden_dim), Mat.of(st.f3, rows, d.hidden_dim)
         for i, layer in enumerate(w.dec_layers):
-            ops.rms_norm(g, x, layer.attention_norm, xb, d.norm_eps)
-            ops.linear(g, xb, layer.wq, q)
-            ops.linear(g, xb, layer.wk, k)
-            ops.linear(g, xb, layer.wv, v)
-            ops.rope(g, st.rope, q, d.n_heads, d.head_dim)
-            ops.rope(g, st.rope, k, d.n_kv_heads, d.head_dim)
-            ops.kv_write(g, k, v, st.k_cache[i], st.v_cache[i], p0, st.cap)
-            ops.attention(g, q, st.k_cache[i], st.v_cache[i], att, n_heads=d.n_heads, n_kv_heads=d.n_kv_heads,
-                          head_dim=d.head_dim, pos0=p0, window=d.sliding_window, cap=st.cap)
+            ops.qkv_proj(g, x, layer.wq, layer.wk, layer.wv, qkv, norm=layer.attention_norm, eps=d.norm_eps, scratch=xb)
+            ops.rope_qkv(g, st.rope, qkv, st.k_cache[i], st.v_cache[i], n_heads=d.n_heads, n_kv_heads=d.n_kv_heads,
+                         head_dim=d.head_dim, pos0=p0, cap=st.cap)
+            ops.attention(g, qkv.cols_(0, dq), st.k_cache[i], st.v_cache[i], att, n_heads=d.n_heads,
+                          n_kv_heads=d.n_kv_heads, head_dim=d.head_dim, pos0=p0, window=d.sliding_window, cap=st.cap,
+                          scratch=st.part)
             ops.linear(g, att, layer.wo, x, accumulate=True)
-            ops.rms_norm(g, x, self.ffn_norms[i], xb, d.norm_eps)  # ada-scaled (spec §5.1)
-            ops.linear(g, xb, layer.w1, f1)
-            ops.linear(g, xb, layer.w3, f3)
-            ops.swiglu(g, f1, f3)
+            # the FFN norm weight carries the delay's ada scale (spec §5.1)
+            ops.swiglu_ffn_in(g, x, layer.w1, layer.w3, f1, norm=self.ffn_norms[i], eps=d.norm_eps, scratch=xb, tmp=f3)
             ops.linear(g, f1, layer.w2, x, accumulate=True)
         if head:
-            z = Mat.of(st.z, 1, d.dim)
-            ops.rms_norm(g, x.take(rows - 1, 1), w.norm, z, d.norm_eps)
-            ops.linear(g, z, w.tok_embeddings, Mat.of(st.logits, 1, d.vocab_size))  # tied LM head
+            # final norm folded into the tied LM head: logits = RMSNorm(x_last) * g @ E^T
+            ops.linear(g, x.take(rows - 1, 1), w.tok_embeddings, Mat.of(st.logits, 1, d.vocab_size),
+                       norm=w.norm, eps=d.norm_eps, scratch=Mat.of(st.z, 1, d.dim))
             self.model.argmax(g, st.logits, st.tokens, (p0 + rows) % TOKEN_RING)
 
     def decode(self) -> list[int]:
@@ -409,5 +419,6 @@ class Session:
         for t in ids:
             if t == eos and self.stop_on_eos:
                 self.done = True
+                self.eos = True  # [stream]
                 break
             self.generated.append(t)

@@ -65,25 +65,105 @@ def _flat_groups(n_items: int, per_group: int = 256) -> tuple[int, int]:
     return groups_2d(-(-n_items // per_group))
 
 
-def linear(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool = False) -> None:
-    """``y (+)= act(x @ W^T + b)``; x ``[M, K]``, W ``[N, K]``, y ``[M, N]``."""
+def _matvec_ok(x: Mat, w) -> bool:
+    """The decode kernels (matvec.wgsl) need few rows, BF16 weights in whole 16-byte vectors and
+    16-byte aligned activation rows."""
+    return (x.rows <= 4 and getattr(w, "dtype", "") == "bf16" and w.k % 8 == 0 and x.off % 4 == 0
+            and x.ld % 4 == 0)
+
+
+MATVEC_ROWS = 8  # output columns per matvec workgroup (override ROWS)
+
+
+def linear(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool = False,
+           batch_invariant: bool = False, norm=None, eps: float = 1e-5, scratch: Mat | None = None) -> None:
+    """``y (+)= act(xn @ W^T + b)``; x ``[M, K]``, W ``[N, K]``, y ``[M, N]``; ``xn = x`` or, with
+    ``norm=g``, ``RMSNorm(x) * g`` (folded into the decode kernel, else computed into ``scratch``).
+
+    ``batch_invariant``: never take a matvec kernel, so each row's result is bit-identical whatever
+    M is (matmul sums K in the same order for every row; matvec sums in another order). The encoder
+    and adapter use it: streaming batches positions differently from offline, and float rounding
+    differences could otherwise flip near-tie tokens."""
     assert x.cols == w.k and y.cols == w.n and x.rows == y.rows, (x, w.n, w.k, y)
     if x.rows == 0:
         return
+    fused = _matvec_ok(x, w) and not batch_invariant
+    if norm is not None and not fused:
+        assert scratch is not None, "linear(norm=...) on this path needs a scratch matrix"
+        rms_norm(gpu, x, norm, scratch, eps)
+        x, norm = scratch, None
     dtype = getattr(w, "dtype", "bf16")
     if dtype in ("q4_0", "q8_0"):
         from . import ops_quant  # the quantised kernels have their own shader family
 
-        return ops_quant.linear(gpu, x, w, y, act=act, accumulate=accumulate)
-    bf16 = dtype == "bf16"
+        return ops_quant.linear(gpu, x, w, y, act=act, accumulate=accumulate, batch_invariant=batch_invariant)
     bias = w.bias
+    if fused:
+        k = gpu.kernel("matvec", "matvec", ROWS=MATVEC_ROWS)
+        for buf, row0, nrows in w.chunks:
+            params = pack_params(x.rows, nrows, w.k, x.off, x.ld, y.off + row0, y.ld, row0, int(bias is not None),
+                                 act, int(accumulate), int(norm is not None), float(eps), 0, 0)
+            gpu.dispatch(k, params, [x.buf, buf, bias if bias is not None else buf,
+                                     norm if norm is not None else buf, y.buf, buf, buf],
+                         groups_2d(-(-nrows // MATVEC_ROWS)))
+        return
+    bf16 = dtype == "bf16"
     for buf, row0, nrows in w.chunks:
-        use_mv = x.rows <= 4 and w.k % 2 == 0
+        use_mv = x.rows <= 4 and w.k % 2 == 0 and not batch_invariant
         k = gpu.kernel("linear", "matvec" if use_mv else "matmul", W_BF16=bf16)
         params = pack_params(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0,
                              int(bias is not None), row0, act, int(accumulate))
         groups = groups_2d(-(-nrows // 8)) if use_mv else (-(-nrows // 64), -(-x.rows // 64))
         gpu.dispatch(k, params, [x.buf, buf, bias if bias is not None else buf, y.buf], groups)
+
+
+def swiglu_ffn_in(gpu: Gpu, x: Mat, w1, w3, out: Mat, *, norm, eps: float, scratch: Mat, tmp: Mat,
+                  batch_invariant: bool = False) -> None:
+    """``out = silu(xn W1^T) * (xn W3^T)`` with ``xn = RMSNorm(x) * norm``: one fused kernel for
+    decode rows; norm, two linears and ``swiglu`` otherwise (``tmp`` shaped like ``out``)."""
+    if (_matvec_ok(x, w1) and not batch_invariant and getattr(w3, "dtype", "") == "bf16"
+            and len(w1.chunks) == len(w3.chunks) == 1):
+        k = gpu.kernel("matvec", "matvec_swiglu", ROWS=MATVEC_ROWS)
+        params = pack_params(x.rows, w1.n, w1.k, x.off, x.ld, out.off, out.ld, 0, 0, 0, 0, 1, float(eps), 0, 0)
+        b1, b3 = w1.chunks[0][0], w3.chunks[0][0]
+        gpu.dispatch(k, params, [x.buf, b1, b1, norm, out.buf, b3, b3], groups_2d(-(-w1.n // MATVEC_ROWS)))
+        return
+    rms_norm(gpu, x, norm, scratch, eps)
+    linear(gpu, scratch, w1, out, batch_invariant=batch_invariant)
+    linear(gpu, scratch, w3, tmp, batch_invariant=batch_invariant)
+    swiglu(gpu, out, tmp)
+
+
+def qkv_proj(gpu: Gpu, x: Mat, wq, wk, wv, qkv: Mat, *, norm, eps: float, scratch: Mat,
+             batch_invariant: bool = False) -> None:
+    """``qkv = [xn Wq^T + bq | xn Wk^T | xn Wv^T + bv]`` with ``xn = RMSNorm(x) * norm``, into the
+    column blocks of ``qkv [rows, nq + 2*nkv]``: one fused pass for decode rows (no biases), else a
+    norm and three linears."""
+    nq, nkv = wq.n, wk.n
+    assert qkv.cols == nq + 2 * nkv and wv.n == nkv
+    ws = (wq, wk, wv)
+    if (_matvec_ok(x, wq) and not batch_invariant and all(getattr(w, "dtype", "") == "bf16" and len(w.chunks) == 1
+                                                           and w.bias is None for w in ws)):
+        k = gpu.kernel("matvec", "matvec_qkv", ROWS=MATVEC_ROWS)
+        params = pack_params(x.rows, qkv.cols, wq.k, x.off, x.ld, qkv.off, qkv.ld, 0, 0, 0, 0, 1, float(eps), nq, nkv)
+        bq, bk, bv = (w.chunks[0][0] for w in ws)
+        gpu.dispatch(k, params, [x.buf, bq, bq, norm, qkv.buf, bk, bv], groups_2d(-(-qkv.cols // MATVEC_ROWS)))
+        return
+    rms_norm(gpu, x, norm, scratch, eps)
+    linear(gpu, scratch, wq, qkv.cols_(0, nq), batch_invariant=batch_invariant)
+    linear(gpu, scratch, wk, qkv.cols_(nq, nkv), batch_invariant=batch_invariant)
+    linear(gpu, scratch, wv, qkv.cols_(nq + nkv, nkv), batch_invariant=batch_invariant)
+
+
+def rope_qkv(gpu: Gpu, table, qkv: Mat, k_cache, v_cache, *, n_heads: int, n_kv_heads: int, head_dim: int,
+             pos0: int, cap: int) -> None:
+    """Rotate the q and k heads of ``qkv [rows, (n_heads + 2 n_kv) * head_dim]`` (table ``[rows, hd/2, 2]``),
+    keep q in place, and append rotated k and v at ring slots ``(pos0 + r) % cap``."""
+    assert qkv.cols == (n_heads + 2 * n_kv_heads) * head_dim
+    k = gpu.kernel("rope_qkv", "rope_qkv")
+    n = qkv.rows * (n_heads + n_kv_heads) * (head_dim // 2)
+    gpu.dispatch(k, pack_params(qkv.rows, n_heads, n_kv_heads, head_dim, qkv.ld, qkv.off, pos0 % cap, cap),
+                 [table, qkv.buf, k_cache, v_cache], _flat_groups(n))
 
 
 def rms_norm(gpu: Gpu, x: Mat, g, y: Mat, eps: float) -> None:
@@ -111,17 +191,37 @@ def kv_write(gpu: Gpu, k_new: Mat, v_new: Mat, k_cache, v_cache, pos0: int, cap:
                  [k_new.buf, v_new.buf, k_cache, v_cache], _flat_groups(n))
 
 
+DECODE_CHUNK = 256  # keys per workgroup of attention_decode.wgsl
+
+
+def decode_attention_scratch(gpu: Gpu, n_heads: int, head_dim: int, max_keys: int):
+    """Scratch for split-K decode attention: ``[n_heads, ceil(max_keys / 256), head_dim + 2]`` f32."""
+    return gpu.empty(4 * n_heads * (-(-max_keys // DECODE_CHUNK)) * (head_dim + 2), "attention.part")
+
+
 def attention(gpu: Gpu, q: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_kv_heads: int, head_dim: int,
-              pos0: int, window: int, cap: int) -> None:
+              pos0: int, window: int, cap: int, scratch=None) -> None:
     """Causal sliding-window attention of ``q [rows, n_heads*head_dim]`` (positions pos0..) over the
-    ring cache; writes ``out [rows, n_heads*head_dim]``."""
+    ring cache; writes ``out [rows, n_heads*head_dim]``. A single row with ``scratch`` (see
+    ``decode_attention_scratch``) takes the split-K decode kernel."""
     assert head_dim <= 256 and n_heads % n_kv_heads == 0
     assert pos0 + q.rows <= cap or cap >= window + q.rows - 1, "KV ring too small for this many rows"
-    k = gpu.kernel("attention", "attention")
-    # pos0 enters the shader as u32: past 2^30 shift it down by a multiple of cap (slots are
+    # pos0 enters the shaders as u32: past 2^30 shift it down by a multiple of cap (slots are
     # pos % cap) while keeping it >= window, so the window arithmetic is unchanged.
     base = ((pos0 - window) // cap) * cap if pos0 >= (1 << 30) else 0
-    params = pack_params(q.rows, n_heads, n_kv_heads, head_dim, pos0 - base, window, cap, q.ld, q.off,
+    pos = pos0 - base
+    if q.rows == 1 and scratch is not None and head_dim % 4 == 0 and q.off % 4 == 0:
+        n_keys = min(pos + 1, window)
+        n_chunks = -(-n_keys // DECODE_CHUNK)
+        assert scratch.size >= 4 * n_heads * n_chunks * (head_dim + 2), "decode attention scratch too small"
+        params = pack_params(n_heads, n_kv_heads, head_dim, pos, window, cap, n_chunks, q.off, out.off,
+                             float(head_dim) ** -0.5)
+        bufs = [q.buf, k_cache, v_cache, scratch, out.buf]
+        gpu.dispatch(gpu.kernel("attention_decode", "partial"), params, bufs, (n_chunks, n_kv_heads))
+        gpu.dispatch(gpu.kernel("attention_decode", "merge"), params, bufs, (n_heads, 1))
+        return
+    k = gpu.kernel("attention", "attention")
+    params = pack_params(q.rows, n_heads, n_kv_heads, head_dim, pos, window, cap, q.ld, q.off,
                          out.ld, out.off, float(head_dim) ** -0.5)
     gpu.dispatch(k, params, [q.buf, k_cache, v_cache, out.buf], groups_2d(q.rows * n_heads))
 

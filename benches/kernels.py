@@ -1,0 +1,85 @@
+"""Per-kernel timings at the real decoder shapes: ``python benches/kernels.py [--rows 4 8 16]``.
+
+Each op is recorded ``--reps`` times into one submission and timed between two syncs, so a figure
+includes the barrier between dependent dispatches (what the decode loop pays). Bandwidth counts
+the weight bytes each call must read once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from voxtral_wgpu import ops
+from voxtral_wgpu.gpu import Gpu
+from voxtral_wgpu.ops import Mat
+from voxtral_wgpu.weights import Uploader
+
+
+def timed(gpu, fn, reps):
+    fn()
+    gpu.sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    gpu.sync()
+    return (time.perf_counter() - t) / reps
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[8])
+    ap.add_argument("--reps", type=int, default=100)
+    a = ap.parse_args()
+    gpu = Gpu()
+    print("adapter:", gpu.description)
+    up = Uploader(gpu)
+    rng = np.random.default_rng(0)
+
+    def weight(n, k):
+        return up.dense(rng.integers(0, 1 << 16, size=(n, k), dtype=np.uint16) & 0xBFFF, "BF16", f"w{n}x{k}")
+
+    D, H, Q, KV, V = 3072, 9216, 4096, 1024, 131072
+    wq, wk, wv, wo = weight(Q, D), weight(KV, D), weight(KV, D), weight(D, Q)
+    w1, w3, w2 = weight(H, D), weight(H, D), weight(D, H)
+    emb = weight(V, D)
+    x = Mat.of(gpu.upload(rng.standard_normal(H).astype(np.float32)), 1, D)
+    xh = Mat.of(x.buf, 1, H)
+    xq = Mat.of(x.buf, 1, Q)
+    g = gpu.upload(np.ones(H, np.float32))
+    y = Mat.of(gpu.empty(4 * V), 1, V)
+    qkv = Mat.of(gpu.empty(4 * (Q + 2 * KV)), 1, Q + 2 * KV)
+    f1, f3, scratch = Mat.of(gpu.empty(4 * H), 1, H), Mat.of(gpu.empty(4 * H), 1, H), Mat.of(gpu.empty(4 * D), 1, D)
+    res = []
+    for rows in a.rows:
+        ops.MATVEC_ROWS = rows
+        cases = [
+            ("qkv (norm) 6144x3072", (Q + 2 * KV) * D * 2,
+             lambda: ops.qkv_proj(gpu, x, wq, wk, wv, qkv, norm=g, eps=1e-5, scratch=scratch)),
+            ("wo 3072x4096 (+res)", D * Q * 2, lambda: ops.linear(gpu, xq, wo, y.cols_(0, D), accumulate=True)),
+            ("w1|w3 swiglu (norm) 2x9216x3072", 2 * H * D * 2,
+             lambda: ops.swiglu_ffn_in(gpu, x, w1, w3, f1, norm=g, eps=1e-5, scratch=scratch, tmp=f3)),
+            ("w2 3072x9216 (+res)", D * H * 2, lambda: ops.linear(gpu, xh, w2, y.cols_(0, D), accumulate=True)),
+            ("lm head 131072x3072 (norm)", V * D * 2,
+             lambda: ops.linear(gpu, x, emb, y, norm=g, eps=1e-5, scratch=scratch)),
+        ]
+        for name, nbytes, fn in cases:
+            dt = timed(gpu, fn, a.reps)
+            res.append((rows, name, dt * 1e6, nbytes / dt / 1e9))
+    # attention at several context lengths (one decode row, 32 heads, GQA 8)
+    kc, vc = gpu.empty(4 * 8192 * KV), gpu.empty(4 * 8192 * KV)
+    att = Mat.of(gpu.empty(4 * Q), 1, Q)
+    for ctx in (64, 1024, 8192):
+        fn = lambda ctx=ctx: ops.attention(gpu, qkv.cols_(0, Q), kc, vc, att, n_heads=32, n_kv_heads=8, head_dim=128,
+                                          pos0=ctx - 1, window=8192, cap=8192)
+        dt = timed(gpu, fn, a.reps)
+        res.append(("-", f"attention ctx {ctx}", dt * 1e6, 2 * ctx * KV * 4 / dt / 1e9))
+    print(f"{'rows':>4}  {'kernel':<34} {'us':>9} {'GB/s':>8}")
+    for rows, name, us, gbs in res:
+        print(f"{rows!s:>4}  {name:<34} {us:9.1f} {gbs:8.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+// attention_decode.wgsl — one query row (a decode step) over a long KV ring: split-K ("flash decoding").
+//
+//   out[h, :] = sum_j softmax_j( q[h] . k[j, h / G] * scale ) v[j, h / G],   pos - window < j <= pos
+//   (G = n_heads / n_kv_heads; the window counts the query itself, as attention.wgsl).
+//
+// The visible keys are cut into chunks of 256. `partial` gives each (chunk, kv head) one workgroup
+// that scores its keys against all G query heads sharing that kv head (K and V are read once per
+// group, not once per query head) and writes the chunk's (max, sum, unnormalised output);
+// `merge` rescales and sums the chunks per head. A step at context 8192 thus runs 32 x 8
+// workgroups instead of 32 serial ones.
+//
+// Bindings
+//   0  params  uniform    Params
+//   1  q       vec4<f32>  query row: head h at elements q_off + h*hd (q_off, hd multiples of 4)
+//   2  kc      vec4<f32>  [cap, n_kv*hd] key ring (position j in slot j % cap)
+//   3  vc      f32        [cap, n_kv*hd] value ring
+//   4  part    f32        [n_heads, n_chunks, hd + 2] scratch: (max, sum, acc[hd]) per chunk
+//   5  out     f32        [n_heads*hd] from o_off
+//
+// Work split: partial: groups (n_chunks, n_kv_heads), 256 invocations = 256 keys when scoring, then
+// 4 heads x 64 invocations striding over hd when accumulating; heads are taken 4 at a time.
+// merge: groups (n_heads), 64 invocations striding over hd.
+
+struct Params {
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    pos: u32,
+    window: u32,
+    cap: u32,
+    n_chunks: u32,
+    q_off: u32,
+    o_off: u32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> kc: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> vc: array<f32>;
+@group(0) @binding(4) var<storage, read_write> part: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+const CHUNK: u32 = 256u;
+const HB: u32 = 4u;  // query heads per pass
+var<workgroup> qs: array<vec4<f32>, 256>;   // [HB][hd/4]
+var<workgroup> prob: array<vec4<f32>, 256>; // [key] -> 4 heads' scores, then probabilities
+var<workgroup> red: array<vec4<f32>, 256>;
+
+fn first_key() -> u32 {
+    if (p.pos + 1u > p.window) {
+        return p.pos + 1u - p.window;
+    }
+    return 0u;
+}
+
+@compute @workgroup_size(256)
+fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let c = wid.x;
+    let kvh = wid.y;
+    let hd = p.head_dim;
+    let hd4 = hd / 4u;
+    let group = p.n_heads / p.n_kv_heads;
+    let kv_w4 = p.n_kv_heads * hd4;
+    let k0 = first_key() + c * CHUNK;
+    let n_keys = min(CHUNK, p.pos + 1u - k0);
+    let j = k0 + tid;
+    let slot = j % p.cap;
+    for (var h0 = 0u; h0 < group; h0 += HB) {
+        let nh = min(HB, group - h0);
+        // stage the (up to) 4 query heads of this pass
+        for (var i = tid; i < HB * hd4; i += 256u) {
+            let hh = i / hd4;
+            var v = vec4<f32>(0.0);
+            if (hh < nh) {
+                v = q[p.q_off / 4u + (kvh * group + h0 + hh) * hd4 + i % hd4];
+            }
+            qs[i] = v;
+        }
+        workgroupBarrier();
+        // scores: invocation tid scores key k0 + tid against the 4 heads
+        var s = vec4<f32>(-3.0e38);
+        if (tid < n_keys) {
+            var acc = vec4<f32>(0.0);
+            let kb = slot * kv_w4 + kvh * hd4;
+            for (var d = 0u; d < hd4; d++) {
+                let kv = kc[kb + d];
+                acc += vec4<f32>(dot(qs[d], kv), dot(qs[hd4 + d], kv), dot(qs[2u * hd4 + d], kv),
+                                 dot(qs[3u * hd4 + d], kv));
+            }
+            s = acc * p.scale;
+        }
+        red[tid] = s;
+        workgroupBarrier();
+        for (var st = 128u; st > 0u; st >>= 1u) {
+            if (tid < st) {
+                red[tid] = max(red[tid], red[tid + st]);
+            }
+            workgroupBarrier();
+        }
+        let m = red[0];
+        workgroupBarrier();
+        var pr = vec4<f32>(0.0);
+        if (tid < n_keys) {
+            pr = exp(s - m);
+        }
+        prob[tid] = pr;
+        red[tid] = pr;
+        workgroupBarrier();
+        for (var st = 128u; st > 0u; st >>= 1u) {
+            if (tid < st) {
+                red[tid] += red[tid + st];
+            }
+            workgroupBarrier();
+        }
+        let l = red[0];
+        // accumulate: invocation = (head hh, dims d, d + 64, ...)
+        let hh = tid / 64u;
+        let lane = tid % 64u;
+        if (hh < nh) {
+            let h = kvh * group + h0 + hh;
+            let pb = (h * p.n_chunks + c) * (hd + 2u);
+            for (var d = lane; d < hd; d += 64u) {
+                var a = 0.0;
+                for (var i = 0u; i < n_keys; i++) {
+                    a += prob[i][hh] * vc[((k0 + i) % p.cap) * p.n_kv_heads * hd + kvh * hd + d];
+                }
+                part[pb + 2u + d] = a;
+            }
+            if (lane == 0u) {
+                part[pb] = m[hh];
+                part[pb + 1u] = l[hh];
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(64)
+fn merge(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let h = wid.x;
+    let hd = p.head_dim;
+    let stride = hd + 2u;
+    let base = h * p.n_chunks * stride;
+    var m = -3.0e38;
+    for (var c = 0u; c < p.n_chunks; c++) {
+        m = max(m, part[base + c * stride]);
+    }
+    var l = 0.0;
+    for (var c = 0u; c < p.n_chunks; c++) {
+        l += part[base + c * stride + 1u] * exp(part[base + c * stride] - m);
+    }
+    for (var d = tid; d < hd; d += 64u) {
+        var a = 0.0;
+        for (var c = 0u; c < p.n_chunks; c++) {
+            a += part[base + c * stride + 2u + d] * exp(part[base + c * stride] - m);
+        }
+        out[p.o_off + h * hd + d] = a / l;
+    }
+}
