@@ -70,13 +70,33 @@ def main():
             res.append((rows, name, dt * 1e6, nbytes / dt / 1e9))
     # attention at several context lengths (one decode row, 32 heads, GQA 8)
     kc, vc = gpu.empty(4 * 8192 * KV), gpu.empty(4 * 8192 * KV)
+    part = ops.decode_attention_scratch(gpu, 32, 128, 8192)
     att = Mat.of(gpu.empty(4 * Q), 1, Q)
     for ctx in (64, 1024, 8192):
         fn = lambda ctx=ctx: ops.attention(gpu, qkv.cols_(0, Q), kc, vc, att, n_heads=32, n_kv_heads=8, head_dim=128,
-                                          pos0=ctx - 1, window=8192, cap=8192)
+                                          pos0=ctx - 1, window=8192, cap=8192, scratch=part)
         dt = timed(gpu, fn, a.reps)
         res.append(("-", f"attention ctx {ctx}", dt * 1e6, 2 * ctx * KV * 4 / dt / 1e9))
-    print(f"{'rows':>4}  {'kernel':<34} {'us':>9} {'GB/s':>8}")
+    # encoder-shaped matmuls: GFLOP/s in the last column
+    e1, e2 = weight(5120, 1280), weight(1280, 5120)
+    xe = Mat.of(gpu.empty(4 * 1024 * 5120), 1024, 5120)
+    ye = Mat.of(gpu.empty(4 * 1024 * 5120), 1024, 5120)
+    for m in (128, 512, 1024):
+        for name, w_, xin, yout in (("enc w1 5120x1280", e1, xe.take(0, m).cols_(0, 1280), ye.take(0, m)),
+                                    ("enc w2 1280x5120", e2, Mat(xe.buf, m, 5120, 5120), Mat(ye.buf, m, 1280, 1280))):
+            xin = Mat(xin.buf, m, w_.k, w_.k)
+            dt = timed(gpu, lambda: ops.linear(gpu, xin, w_, yout, batch_invariant=True), max(a.reps // 4, 5))
+            res.append((m, name, dt * 1e6, 2 * m * w_.n * w_.k / dt / 1e9))
+    # encoder attention: S rows, 32 heads x 64, window 750
+    ekc, evc = gpu.empty(4 * 2048 * 2048), gpu.empty(4 * 2048 * 2048)
+    for S in (128, 512):
+        q_ = Mat.of(gpu.empty(4 * S * 2048), S, 2048)
+        o_ = Mat.of(gpu.empty(4 * S * 2048), S, 2048)
+        fn = lambda q_=q_, o_=o_, S=S: ops.attention(gpu, q_, ekc, evc, o_, n_heads=32, n_kv_heads=32, head_dim=64,
+                                                   pos0=1000, window=750, cap=2047)
+        dt = timed(gpu, fn, max(a.reps // 4, 5))
+        res.append((S, "enc attention window 750", dt * 1e6, 4 * S * 32 * 750 * 64 / dt / 1e9))
+    print(f"{'rows':>4}  {'kernel':<34} {'us':>9} {'GB/s|GF/s':>8}")
     for rows, name, us, gbs in res:
         print(f"{rows!s:>4}  {name:<34} {us:9.1f} {gbs:8.0f}")
 

@@ -7,6 +7,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator  # [stream]
 
 import numpy as np
 
@@ -14,7 +15,8 @@ from . import audio as audio_mod
 from .config import ModelConfig
 from .gpu import Gpu
 from .model import Model as _GraphModel
-from .model import MAX_CHUNK_POSITIONS, MEL_FRAMES_PER_POSITION, Session
+from .model import MEL_FRAMES_PER_POSITION, OFFLINE_CHUNK_POSITIONS, Session
+from .stream import Stream, TextDelta, timed_text, transcribe_stream  # [stream]
 from .tokenizer import Tekken
 from .weights import load_safetensors
 
@@ -27,6 +29,9 @@ class Transcription:
 
     ``text``: the transcript, stripped. ``token_ids``: every generated id in order, specials
     included (``[STREAMING_PAD]``, ``[STREAMING_WORD]``, ...), prompt excluded, EOS excluded.
+    ``words`` / ``segments``: timed :class:`~voxtral_wgpu.stream.Word` and
+    :class:`~voxtral_wgpu.stream.Segment` lists from the decoder's frame clock (generated token i
+    speaks of input audio [0.08 i, 0.08 (i + 1)) s; see ``voxtral_wgpu.stream``).
     """
 
     text: str
@@ -34,6 +39,8 @@ class Transcription:
     duration_s: float = 0.0  # seconds of input audio
     transcription_delay_ms: int = 480
     timings: dict = field(default_factory=dict)
+    words: list = field(default_factory=list)  # [stream] list[stream.Word]
+    segments: list = field(default_factory=list)  # [stream] list[stream.Segment]
 
 
 class Model(_GraphModel):
@@ -62,7 +69,7 @@ class Model(_GraphModel):
         mel = log_mel(padded)  # [P/160, 128]
         n_positions = len(padded) // audio_mod.SAMPLES_PER_TOKEN
         t_mel = time.perf_counter()
-        session = Session(self, n_delay)
+        session = Session(self, n_delay, chunk_positions=OFFLINE_CHUNK_POSITIONS)
         session.stop_on_eos = stop_on_eos
         session.close(n_positions)
         if progress is None:
@@ -72,25 +79,43 @@ class Model(_GraphModel):
             from tqdm import tqdm
 
             bar = tqdm(total=n_positions, unit="pos", desc="transcribing", file=sys.stderr, leave=False)
-        chunk = MEL_FRAMES_PER_POSITION * MAX_CHUNK_POSITIONS  # encoder and decoder interleave chunk by chunk
-        for i in range(0, len(mel), chunk):
-            session.push_mel(mel[i:i + chunk])
+        chunk = MEL_FRAMES_PER_POSITION * OFFLINE_CHUNK_POSITIONS  # encoder and decoder interleave chunk by chunk
+        try:
+            for i in range(0, len(mel), chunk):
+                session.push_mel(mel[i:i + chunk])
+                session.decode()
+                if bar is not None:
+                    bar.n = min(session.next_pos, n_positions)
+                    bar.refresh()
+                if session.done:
+                    break
             session.decode()
+            steps = max(session.next_pos - len(session.prompt_ids) + 1, 0)
+        finally:
+            session.release()  # the GPU buffers of this transcription (the bind-group cache would keep them)
             if bar is not None:
-                bar.n = min(session.next_pos, n_positions)
-                bar.refresh()
-            if session.done:
-                break
-        session.decode()
-        if bar is not None:
-            bar.close()
+                bar.close()
         t_end = time.perf_counter()
         ids = session.generated
+        words, segments = timed_text(self.tokenizer, ids, duration_s=len(samples) / audio_mod.SAMPLE_RATE)  # [stream]
         return Transcription(
             text=self.tokenizer.decode(ids).strip(), token_ids=list(ids),
             duration_s=len(samples) / audio_mod.SAMPLE_RATE, transcription_delay_ms=delay_ms,
-            timings={"mel_s": t_mel - t0, "model_s": t_end - t_mel, "steps": max(session.next_pos - len(session.prompt_ids) + 1, 0)},
+            timings={"mel_s": t_mel - t0, "model_s": t_end - t_mel, "steps": steps},
+            words=words, segments=segments,  # [stream]
         )
+
+    # [stream] streaming entry points (voxtral_wgpu/stream.py)
+    def create_stream(self, *, transcription_delay_ms: int | None = None) -> Stream:
+        """Open a :class:`~voxtral_wgpu.stream.Stream`: ``feed(samples)`` 16 kHz mono audio in chunks of
+        any size, get :class:`~voxtral_wgpu.stream.TextDelta` events back, ``finish()`` at the end.
+        After ``finish()`` its ``token_ids`` equal ``transcribe()``'s on the same audio."""
+        return Stream(self, transcription_delay_ms)
+
+    def transcribe_stream(self, chunks, *, transcription_delay_ms: int | None = None) -> Iterator[TextDelta]:
+        """Generator form of :meth:`create_stream`: yields the deltas of each chunk of ``chunks`` as
+        it is fed, then those of ``finish()``; its return value is the final Transcription."""
+        return transcribe_stream(self, chunks, transcription_delay_ms=transcription_delay_ms)
 
 
 def resolve_model_path(path: str | os.PathLike | None) -> Path:

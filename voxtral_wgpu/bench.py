@@ -117,7 +117,7 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
     """Time the stages of ``model`` (a voxtral_wgpu Model)."""
     from ._native import log_mel
     from .audio import SAMPLES_PER_TOKEN, padding
-    from .model import MEL_FRAMES_PER_POSITION, Session
+    from .model import MEL_FRAMES_PER_POSITION, OFFLINE_CHUNK_POSITIONS, Session
 
     gpu = model.gpu
     n_delay = model.default_delay_ms // 80
@@ -140,7 +140,7 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
 
     # encoder throughput: 10 s of audio through encoder + adapter only
     mel = mel_of(audio_of(10.0))
-    s = Session(model, n_delay)
+    s = Session(model, n_delay, chunk_positions=OFFLINE_CHUNK_POSITIONS)
     s.push_mel(mel)
     gpu.sync()
     t = time.perf_counter()

@@ -39,6 +39,22 @@ _BINDING_RE = re.compile(
 _WORKGROUP_RE = re.compile(r"@workgroup_size\(([^)]*)\)")
 
 STORAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
+_ZEROS = bytes(4096)
+
+# wgpu-native's C functions, for the three pass commands of the dispatch hot path (wgpu-py wraps
+# every call in Python error-capture machinery that costs more than the call). Falls back to
+# wgpu-py's methods if the backend layout differs.
+try:
+    from wgpu.backends.wgpu_native._ffi import ffi as _ffi
+    from wgpu.backends.wgpu_native._ffi import lib as _raw
+
+    for _name in ("wgpuComputePassEncoderSetPipeline", "wgpuComputePassEncoderSetBindGroup",
+                  "wgpuComputePassEncoderDispatchWorkgroups"):
+        getattr(_raw, _name)
+except Exception:  # pragma: no cover - other wgpu-py versions
+    _ffi = _raw = None
+    if os.environ.get("VOXTRAL_WGPU_DEBUG"):
+        raise
 
 
 def shader_dir() -> Path:
@@ -63,6 +79,7 @@ class Kernel:
     layout: wgpu.GPUBindGroupLayout
     n_storage: int  # storage bindings 1..n_storage, in binding order
     params_size: int  # bytes of the Params uniform struct (binding 0)
+    slot: int  # bytes it takes in the uniform arena (params_size rounded up to UNIFORM_SLOT)
 
 
 class GpuError(RuntimeError):
@@ -109,6 +126,8 @@ class Gpu:
         self._encoder = None
         self._pass = None
         self._pending_buffers: set[int] = set()
+        self._last_pipeline = None
+        self._offset_cell = _ffi.new("uint32_t[1]") if _ffi is not None else None
         self.bytes_allocated = 0  # every storage buffer this Gpu created (for memory reports)
         self.dispatch_count = 0
 
@@ -168,7 +187,7 @@ class Gpu:
         return self._sources[shader]
 
     def kernel(self, shader: str, entry: str, **overrides: float) -> Kernel:
-        key = (shader, entry, tuple(sorted(overrides.items())))
+        key = (shader, entry, *overrides.items())
         k = self._kernels.get(key)
         if k is not None:
             return k
@@ -193,44 +212,61 @@ class Gpu:
             compute={"module": self._modules[shader], "entry_point": entry, "constants": dict(overrides)},
             label=f"{shader}.{entry}",
         )
-        k = Kernel(f"{shader}.{entry}", pipeline, layout, n_storage=len(bindings) - 1,
-                   params_size=_params_size(src, shader))
+        size = _params_size(src, shader)
+        k = Kernel(f"{shader}.{entry}", pipeline, layout, n_storage=len(bindings) - 1, params_size=size,
+                   slot=-(-size // UNIFORM_SLOT) * UNIFORM_SLOT)
         self._kernels[key] = k
         return k
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, kernel: Kernel, params: bytes, buffers: list, groups) -> None:
         """Record ``kernel`` over ``groups`` workgroups with ``params`` in its uniform and
-        ``buffers`` at bindings 1.. (a buffer, or a (buffer, offset, size) tuple)."""
+        ``buffers`` at bindings 1.. (a buffer, or a (buffer, offset, size) tuple).
+
+        This runs ~150 times per decoder step, so it stays lean: bind groups are cached, the
+        pipeline is set only when it changes, and the pass commands go straight to wgpu-native
+        (pass-encoding errors surface when the command buffer is finished, as WebGPU specifies)."""
         if len(buffers) != kernel.n_storage:
             raise GpuError(f"{kernel.name}: {len(buffers)} buffers given, shader declares {kernel.n_storage}")
         if len(params) > kernel.params_size:
             raise GpuError(f"{kernel.name}: params of {len(params)} bytes exceed the shader's {kernel.params_size}")
-        gx, gy, gz = (tuple(groups) + (1, 1))[:3]
+        gx, gy = groups[0], (groups[1] if len(groups) > 1 else 1)
+        gz = groups[2] if len(groups) > 2 else 1
         if gx == 0 or gy == 0 or gz == 0:
             return
-        if max(gx, gy, gz) > MAX_GROUPS_PER_DIM:
+        if gx > MAX_GROUPS_PER_DIM or gy > MAX_GROUPS_PER_DIM or gz > MAX_GROUPS_PER_DIM:
             raise GpuError(f"{kernel.name}: dispatch {groups} exceeds {MAX_GROUPS_PER_DIM} workgroups per dimension")
-        slot = -(-max(len(params), kernel.params_size) // UNIFORM_SLOT) * UNIFORM_SLOT
+        slot = kernel.slot
         if len(self._arena_data) + slot > ARENA_BYTES:
             self.flush()
         offset = len(self._arena_data)
         self._arena_data += params
-        self._arena_data += bytes(slot - len(params))
+        self._arena_data += _ZEROS[: slot - len(params)]
         bg = self._bind_group(kernel, buffers)
         p = self._get_pass()
-        p.set_pipeline(kernel.pipeline)
-        p.set_bind_group(0, bg, [offset])
-        p.dispatch_workgroups(gx, gy, gz)
+        if _raw is not None:
+            h = p._internal
+            if self._last_pipeline is not kernel.pipeline:
+                _raw.wgpuComputePassEncoderSetPipeline(h, kernel.pipeline._internal)
+                self._last_pipeline = kernel.pipeline
+            self._offset_cell[0] = offset
+            _raw.wgpuComputePassEncoderSetBindGroup(h, 0, bg._internal, 1, self._offset_cell)
+            _raw.wgpuComputePassEncoderDispatchWorkgroups(h, gx, gy, gz)
+        else:
+            p.set_pipeline(kernel.pipeline)
+            p.set_bind_group(0, bg, [offset])
+            p.dispatch_workgroups(gx, gy, gz)
         self.dispatch_count += 1
+        pending = self._pending_buffers
         for b in buffers:
-            self._pending_buffers.add(id(b[0] if isinstance(b, tuple) else b))
+            pending.add(id(b) if not isinstance(b, tuple) else id(b[0]))
 
     def _bind_group(self, kernel: Kernel, buffers: list) -> wgpu.GPUBindGroup:
-        norm = [b if isinstance(b, tuple) else (b, 0, b.size) for b in buffers]
-        key = (id(kernel.layout),) + tuple((id(b), o, s) for b, o, s in norm)
+        key = (id(kernel.layout),) + tuple(id(b) if not isinstance(b, tuple) else (id(b[0]), b[1], b[2])
+                                           for b in buffers)
         cached = self._bind_groups.get(key)
         if cached is None:
+            norm = [b if isinstance(b, tuple) else (b, 0, b.size) for b in buffers]
             entries = [{"binding": 0, "resource": {"buffer": self._arena, "offset": 0, "size": kernel.params_size}}]
             for i, (b, o, s) in enumerate(norm):
                 entries.append({"binding": i + 1, "resource": {"buffer": b, "offset": o, "size": s}})
@@ -242,7 +278,11 @@ class Gpu:
     def forget(self, *buffers) -> None:
         """Drop cached bind groups that use any of ``buffers`` (call before releasing them)."""
         ids = {id(b) for b in buffers}
-        for key in [k for k in self._bind_groups if any(e[0] in ids for e in k[1:])]:
+
+        def uses(key):
+            return any((e[0] if isinstance(e, tuple) else e) in ids for e in key[1:])
+
+        for key in [k for k in self._bind_groups if uses(k)]:
             del self._bind_groups[key]
 
     def _get_encoder(self):
@@ -259,6 +299,7 @@ class Gpu:
         if self._pass is not None:
             self._pass.end()
             self._pass = None
+            self._last_pipeline = None
 
     def flush(self) -> None:
         """Submit everything recorded so far."""
@@ -301,21 +342,17 @@ def _params_size(src: str, shader: str) -> int:
     return max(16, -(-size // 16) * 16)
 
 
+_PACKERS: dict[tuple, struct.Struct] = {}
+
+
 def pack_params(*fields) -> bytes:
-    """Pack a Params struct: Python ints as u32 (negative as i32), floats as f32, numpy float
-    arrays as a 16-byte-aligned vec4<f32> tail."""
-    out = bytearray()
-    for f in fields:
-        if isinstance(f, np.ndarray):
-            out += bytes(-len(out) % 16)
-            a = np.ascontiguousarray(f, dtype=np.float32).ravel()
-            a = np.concatenate([a, np.zeros(-len(a) % 4, np.float32)])
-            out += a.tobytes()
-        elif isinstance(f, (bool, int, np.integer)):
-            out += struct.pack("<i" if f < 0 else "<I", int(f))
-        else:
-            out += struct.pack("<f", float(f))
-    return bytes(out)
+    """Pack a Params struct: ints as u32, floats as f32 (negative ints are an error: every Params
+    field is unsigned). Called for every dispatch, so the layout is cached per pattern of types."""
+    kinds = tuple(map(type, fields))
+    packer = _PACKERS.get(kinds)
+    if packer is None:
+        packer = _PACKERS[kinds] = struct.Struct("<" + "".join("f" if issubclass(t, float) else "I" for t in kinds))
+    return packer.pack(*fields)
 
 
 def groups_2d(n: int) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import wgpu  # [stream] Session.release
 
 from . import ops
 from .config import ModelConfig
@@ -24,7 +25,8 @@ from .weights import Weights
 MEL_FRAMES_PER_POSITION = 8  # 80 ms of 10 ms hops
 ENC_FRAMES_PER_POSITION = 4  # after the stride-2 conv
 CONV0_CONTEXT = 3  # mel frames carried into a chunk: conv0 (k3, left pad 2) + one frame to rebuild g0[-1]
-MAX_CHUNK_POSITIONS = 32  # positions per encoder batch (128 encoder rows); larger inputs are split
+MAX_CHUNK_POSITIONS = 32  # default positions per encoder batch (128 encoder rows); larger inputs are split
+OFFLINE_CHUNK_POSITIONS = 128  # whole files: bigger encoder batches keep the GPU busy (512 rows)
 TOKEN_RING = 4096  # token-id ring on the GPU (prompt + generated), read back every READBACK_STEPS
 READBACK_STEPS = 16
 
@@ -82,7 +84,7 @@ class Model:
 
 @dataclass
 class _EncoderState:
-    """Buffers of the incremental encoder; S = 4 * MAX_CHUNK_POSITIONS rows at most (128)."""
+    """Buffers of the incremental encoder; S = 4 * chunk_positions rows at most (128 by default)."""
 
     mel: object  # f32 [CONV0_CONTEXT + 2S, 128]  mel frames, carried context first
     g0: object  # f32 [1 + 2S, enc_dim]  GELU(conv0) incl. the carried frame g0[-1]
@@ -129,8 +131,10 @@ class Session:
     step whose audio embedding exists and returns the new token ids.
     """
 
-    def __init__(self, model: Model, n_delay: int):
+    def __init__(self, model: Model, n_delay: int, *, chunk_positions: int = MAX_CHUNK_POSITIONS):
         self.model = model
+        # positions per encoder batch; results do not depend on it (every encoder op is batch-invariant)
+        self.chunk_positions = int(chunk_positions)
         self.gpu = model.gpu
         self.cfg = model.cfg
         self.n_delay = n_delay
@@ -158,7 +162,7 @@ class Session:
     # ------------------------------------------------------------------ allocation
     def _encoder_state(self) -> _EncoderState:
         g, e = self.gpu, self.cfg.encoder
-        S = ENC_FRAMES_PER_POSITION * MAX_CHUNK_POSITIONS
+        S = ENC_FRAMES_PER_POSITION * self.chunk_positions
         f = 4
         eq, ekv = e.n_heads * e.head_dim, e.n_kv_heads * e.head_dim
         cap = e.sliding_window + S - 1  # every key a chunk's queries can see survives the chunk's writes
@@ -170,7 +174,7 @@ class Session:
             att=g.empty(f * S * eq, "enc.att"),
             f1=g.empty(f * S * e.hidden_dim, "enc.f1"), f3=g.empty(f * S * e.hidden_dim, "enc.f3"),
             out=g.empty(f * S * e.dim, "enc.out"),
-            a1=g.empty(f * MAX_CHUNK_POSITIONS * self.cfg.decoder.dim, "adapter.a1"),
+            a1=g.empty(f * self.chunk_positions * self.cfg.decoder.dim, "adapter.a1"),
             rope=g.empty(f * S * e.head_dim, "enc.rope"),
             k_cache=[g.empty(f * cap * ekv, f"enc.k_cache{i}") for i in range(e.n_layers)],
             v_cache=[g.empty(f * cap * ekv, f"enc.v_cache{i}") for i in range(e.n_layers)],
@@ -182,7 +186,7 @@ class Session:
         R = len(self.prompt_ids)
         f = 4
         dq, dkv = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
-        acap = MAX_CHUNK_POSITIONS + R + 1
+        acap = self.chunk_positions + R + 1
         max_cap = d.sliding_window + R - 1  # the prefill's R rows are written before they attend
         cap = min(max_cap, max(256, R))  # grows (doubling) up to max_cap as the session lengthens
         tokens = g.empty(4 * TOKEN_RING, "dec.tokens")
@@ -231,8 +235,8 @@ class Session:
         self._released = True
         self.done = True
         self.gpu.flush()
-        bufs = [b for st in (self.enc, self.dec) for b in vars(st).values()
-                if not isinstance(b, (int, list))] + self.enc.k_cache + self.enc.v_cache + self.dec.k_cache + self.dec.v_cache
+        fields = [v for st in (self.enc, self.dec) for v in vars(st).values()]
+        bufs = [b for v in fields for b in (v if isinstance(v, list) else [v]) if isinstance(b, wgpu.GPUBuffer)]
         self.gpu.forget(*bufs)
         self.gpu.bytes_allocated -= sum(b.size for b in bufs)
         for b in bufs:
@@ -253,7 +257,7 @@ class Session:
         while True:
             whole = len(self._mel_pending) // MEL_FRAMES_PER_POSITION
             room = self.dec.acap - (self.positions_encoded - self.next_pos)
-            n = min(whole, MAX_CHUNK_POSITIONS, room)
+            n = min(whole, self.chunk_positions, room)
             if n <= 0:
                 return
             mel = self._mel_pending[: n * MEL_FRAMES_PER_POSITION]

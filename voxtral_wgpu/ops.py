@@ -73,6 +73,17 @@ def _matvec_ok(x: Mat, w) -> bool:
 
 
 MATVEC_ROWS = 8  # output columns per matvec workgroup (override ROWS)
+MATVEC_GROUPED_MAX = 64  # up to this many rows, stream the weights once per 4 rows (decoder prefill)
+
+
+def _row_groups(x: Mat, w, batch_invariant: bool):
+    """Short batches (the decoder's 38-row prefill) are faster as matvec passes of 4 rows than as
+    a matmul with too few tiles to fill the GPU: the 4-row starts, or None for the normal path."""
+    if batch_invariant or not 4 < x.rows <= MATVEC_GROUPED_MAX:
+        return None
+    if not _matvec_ok(Mat(x.buf, 4, x.cols, x.ld, x.off), w):
+        return None
+    return range(0, x.rows, 4)
 
 
 def linear(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool = False,
@@ -86,6 +97,13 @@ def linear(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool
     differences could otherwise flip near-tie tokens."""
     assert x.cols == w.k and y.cols == w.n and x.rows == y.rows, (x, w.n, w.k, y)
     if x.rows == 0:
+        return
+    groups = _row_groups(x, w, batch_invariant)
+    if groups is not None:
+        for r in groups:
+            n = min(4, x.rows - r)
+            linear(gpu, x.take(r, n), w, y.take(r, n), act=act, accumulate=accumulate, norm=norm, eps=eps,
+                   scratch=scratch.take(r, n) if scratch is not None else None)
         return
     fused = _matvec_ok(x, w) and not batch_invariant
     if norm is not None and not fused:
@@ -108,6 +126,15 @@ def linear(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool
                          groups_2d(-(-nrows // MATVEC_ROWS)))
         return
     bf16 = dtype == "bf16"
+    if bf16 and w.k % 16 == 0 and x.off % 4 == 0 and x.ld % 4 == 0 and (x.rows > 4 or batch_invariant):
+        bm = 64 if x.rows <= 256 else 128  # smaller tiles keep more workgroups busy on short batches
+        k = gpu.kernel("matmul", "matmul", BM=bm)
+        for buf, row0, nrows in w.chunks:
+            params = pack_params(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, int(bias is not None), row0,
+                                 act, int(accumulate))
+            gpu.dispatch(k, params, [x.buf, buf, bias if bias is not None else buf, y.buf],
+                         (-(-nrows // 128), -(-x.rows // bm)))
+        return
     for buf, row0, nrows in w.chunks:
         use_mv = x.rows <= 4 and w.k % 2 == 0 and not batch_invariant
         k = gpu.kernel("linear", "matvec" if use_mv else "matmul", W_BF16=bf16)
@@ -121,6 +148,13 @@ def swiglu_ffn_in(gpu: Gpu, x: Mat, w1, w3, out: Mat, *, norm, eps: float, scrat
                   batch_invariant: bool = False) -> None:
     """``out = silu(xn W1^T) * (xn W3^T)`` with ``xn = RMSNorm(x) * norm``: one fused kernel for
     decode rows; norm, two linears and ``swiglu`` otherwise (``tmp`` shaped like ``out``)."""
+    groups = _row_groups(x, w1, batch_invariant)
+    if groups is not None:
+        for r in groups:
+            n = min(4, x.rows - r)
+            swiglu_ffn_in(gpu, x.take(r, n), w1, w3, out.take(r, n), norm=norm, eps=eps, scratch=scratch.take(r, n),
+                          tmp=tmp.take(r, n))
+        return
     if (_matvec_ok(x, w1) and not batch_invariant and getattr(w3, "dtype", "") == "bf16"
             and len(w1.chunks) == len(w3.chunks) == 1):
         k = gpu.kernel("matvec", "matvec_swiglu", ROWS=MATVEC_ROWS)
@@ -141,6 +175,12 @@ def qkv_proj(gpu: Gpu, x: Mat, wq, wk, wv, qkv: Mat, *, norm, eps: float, scratc
     norm and three linears."""
     nq, nkv = wq.n, wk.n
     assert qkv.cols == nq + 2 * nkv and wv.n == nkv
+    groups = _row_groups(x, wq, batch_invariant)
+    if groups is not None:
+        for r in groups:
+            n = min(4, x.rows - r)
+            qkv_proj(gpu, x.take(r, n), wq, wk, wv, qkv.take(r, n), norm=norm, eps=eps, scratch=scratch.take(r, n))
+        return
     ws = (wq, wk, wv)
     if (_matvec_ok(x, wq) and not batch_invariant and all(getattr(w, "dtype", "") == "bf16" and len(w.chunks) == 1
                                                            and w.bias is None for w in ws)):

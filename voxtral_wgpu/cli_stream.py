@@ -1,0 +1,258 @@
+"""The ``stream`` and ``listen`` commands (wired into ``voxtral-wgpu`` by ``cli.py``).
+
+    voxtral-wgpu stream AUDIO --model PATH [--realtime] [--transcription-delay-ms N] [--chunk-ms 80]
+    voxtral-wgpu listen --model PATH [--device N] [--transcription-delay-ms N]
+
+``stream`` reads a file in blocks (constant memory for any length) and feeds it through
+``Model.create_stream`` — the same code path as live input — printing each text delta with its
+time in the audio; ``--realtime`` paces the feeding at the audio's own speed, so the printed
+latencies are what a live source would see. ``listen`` streams the default microphone through
+``sounddevice`` (optional: ``pip install voxtral_wgpu[mic]``) and prints text as it comes; Ctrl-C
+ends the stream (the last words are flushed). After the model emits end-of-stream it opens a new
+stream and goes on listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import audio as audio_mod
+from .subtitles import FORMATS, format_timestamp, write_transcript
+
+
+def add_stream_commands(subparsers) -> None:
+    """Add ``stream`` and ``listen`` to an ``argparse`` subparsers object; each sets ``func``
+    (called as ``func(args) -> int``)."""
+    p = subparsers.add_parser("stream", help="transcribe a file through the streaming path, printing text as it comes",
+                              description="Feed an audio file through a live stream (same code as `listen`); "
+                                          "print each text delta with its time in the audio.")
+    p.add_argument("audio", help="audio file (anything libsndfile reads; resampled to 16 kHz mono)")
+    _common(p)
+    p.add_argument("--realtime", action="store_true", help="pace the feeding at real time (as a live source)")
+    p.add_argument("--chunk-ms", type=float, default=80.0, help="audio per feed() call in ms (default 80)")
+    p.add_argument("--text-only", action="store_true", help="print the running text instead of timed deltas")
+    p.add_argument("--output", "-o", help="also write the final transcript to this file")
+    p.add_argument("--output-format", "-f", choices=FORMATS, default=None,
+                   help="format of --output (default: from its extension, else txt)")
+    p.set_defaults(func=cmd_stream)
+
+    q = subparsers.add_parser("listen", help="transcribe the default microphone live",
+                              description="Stream the microphone (sounddevice) and print the text as it comes. "
+                                          "Ctrl-C to stop.")
+    _common(q)
+    q.add_argument("--device", default=None, help="input device index or name (default: the system's default)")
+    q.add_argument("--chunk-ms", type=float, default=80.0, help="audio per feed() call in ms (default 80)")
+    q.set_defaults(func=cmd_listen)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="model directory, .gguf file, or Hugging Face repo id in the local cache")
+    p.add_argument("--tokenizer", default=None, help="tekken.json, if not beside the weights")
+    p.add_argument("--transcription-delay-ms", type=int, default=None,
+                   help="80..2400 in steps of 80 (default: the model's, 480)")
+
+
+def _load(args):
+    from .api import load
+
+    if args.transcription_delay_ms is not None:
+        audio_mod.delay_ms_to_tokens(args.transcription_delay_ms)  # fail before loading gigabytes
+    return load(args.model, tokenizer=args.tokenizer, transcription_delay_ms=args.transcription_delay_ms)
+
+
+# ------------------------------------------------------------------------------------------------
+# stream FILE
+# ------------------------------------------------------------------------------------------------
+def file_chunks(path: str | os.PathLike, chunk_samples: int):
+    """Yield float32 16 kHz mono chunks of ``chunk_samples`` (the last may be shorter) from a file,
+    reading it block by block. 16 kHz files give exactly ``audio.load_audio``'s samples; other
+    rates go through soxr's streaming resampler (HQ), which can differ from the one-shot resampling
+    of ``load_audio`` by rounding."""
+    import soundfile as sf
+
+    path = Path(os.fsdecode(path))
+    if not path.exists():
+        raise FileNotFoundError(f"audio file not found: {path}")
+    try:
+        f = sf.SoundFile(path)
+    except (sf.SoundFileError, RuntimeError, TypeError) as e:
+        raise audio_mod.AudioError(f"cannot decode audio file {path}: {e}") from e
+    with f:
+        resampler = None
+        if f.samplerate != audio_mod.SAMPLE_RATE:
+            import soxr
+
+            resampler = soxr.ResampleStream(f.samplerate, audio_mod.SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        pending = np.zeros(0, np.float32)
+        block = max(1024, int(chunk_samples * f.samplerate / audio_mod.SAMPLE_RATE))
+        while True:
+            data = f.read(block, dtype="float32", always_2d=True)
+            last = len(data) < block
+            x = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+            if resampler is not None:
+                x = resampler.resample_chunk(np.ascontiguousarray(x), last=last)
+            pending = np.concatenate([pending, x])
+            while len(pending) >= chunk_samples:
+                yield pending[:chunk_samples]
+                pending = pending[chunk_samples:]
+            if last:
+                break
+        if len(pending):
+            yield pending
+
+
+def cmd_stream(args) -> int:
+    model = _load(args)
+    chunk = max(1, int(round(args.chunk_ms * audio_mod.SAMPLE_RATE / 1000.0)))
+    stream = model.create_stream(transcription_delay_ms=args.transcription_delay_ms)
+    out = sys.stdout
+    t0 = time.perf_counter()
+    fed = 0
+
+    def show(deltas):
+        for d in deltas:
+            if args.text_only:
+                out.write(d.text)
+            else:
+                out.write(f"[{format_timestamp(d.start, decimal='.')} --> {format_timestamp(d.end, decimal='.')}]"
+                          f" {d.text}\n")
+        out.flush()
+
+    try:
+        for x in file_chunks(args.audio, chunk):
+            fed += len(x)
+            if args.realtime:  # this chunk "arrives" once its last sample has been spoken
+                delay = t0 + fed / audio_mod.SAMPLE_RATE - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            show(stream.feed(x))
+        show(stream.finish())
+    except KeyboardInterrupt:
+        show(stream.finish())
+    finally:
+        stream.close()
+    if args.text_only:
+        out.write("\n")
+    wall = time.perf_counter() - t0
+    result = stream.result()
+    lat = result.timings
+    med, p90 = lat.get("latency_median_s"), lat.get("latency_p90_s")
+    msg = f"{result.duration_s:.1f} s of audio in {wall:.1f} s ({result.duration_s / max(wall, 1e-9):.2f}x real time)"
+    if med is not None:
+        msg += f"; token latency median {1000 * med:.0f} ms, p90 {1000 * p90:.0f} ms"
+    print(msg, file=sys.stderr)
+    if args.output:
+        fmt = args.output_format or _format_from_name(args.output)
+        write_transcript(result, fmt, args.output)
+    return 0
+
+
+def _format_from_name(name: str) -> str:
+    ext = Path(name).suffix.lower().lstrip(".")
+    return ext if ext in FORMATS else "txt"
+
+
+# ------------------------------------------------------------------------------------------------
+# listen
+# ------------------------------------------------------------------------------------------------
+class MicrophoneError(RuntimeError):
+    pass
+
+
+def _import_sounddevice():
+    try:
+        import sounddevice as sd
+    except ImportError:
+        raise MicrophoneError("`listen` needs the optional package sounddevice: pip install 'voxtral_wgpu[mic]' "
+                              "(or pip install sounddevice)") from None
+    except OSError as e:  # the wheel is there but the PortAudio library is not
+        raise MicrophoneError(f"sounddevice cannot load PortAudio ({e}); install it, e.g. "
+                              "apt-get install libportaudio2") from None
+    return sd
+
+
+def open_microphone(device=None, chunk_ms: float = 80.0):
+    """``(sounddevice.InputStream, queue of float32 16 kHz mono chunks)``; the stream is not started.
+    Opens at 16 kHz when the device takes it, else at its default rate with soxr resampling."""
+    sd = _import_sounddevice()
+    if isinstance(device, str) and device.isdigit():
+        device = int(device)
+    try:
+        info = sd.query_devices(device, kind="input")
+    except Exception as e:  # sounddevice.PortAudioError / ValueError: no such (input) device
+        raise MicrophoneError(f"no audio input device{'' if device is None else f' {device!r}'} found ({e}); "
+                              "list them with: python -m sounddevice") from None
+    rate = audio_mod.SAMPLE_RATE
+    try:
+        sd.check_input_settings(device=device, channels=1, samplerate=rate, dtype="float32")
+    except Exception:
+        rate = int(info["default_samplerate"])
+    resampler = None
+    if rate != audio_mod.SAMPLE_RATE:
+        import soxr
+
+        resampler = soxr.ResampleStream(rate, audio_mod.SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+    q: queue.Queue = queue.Queue()
+
+    def callback(indata, frames, time_info, status):  # PortAudio's thread: copy and hand over only
+        q.put(indata[:, 0].copy())
+
+    try:
+        mic = sd.InputStream(device=device, channels=1, samplerate=rate, dtype="float32",
+                             blocksize=max(1, int(rate * chunk_ms / 1000.0)), callback=callback)
+    except Exception as e:
+        raise MicrophoneError(f"cannot open the audio input {info.get('name', device)!r}: {e}") from None
+    if resampler is not None:
+        raw = q
+        q = _ResamplingQueue(raw, resampler)
+    return mic, q
+
+
+class _ResamplingQueue:
+    def __init__(self, raw: queue.Queue, resampler):
+        self.raw, self.resampler = raw, resampler
+
+    def get(self, timeout=None):
+        return self.resampler.resample_chunk(self.raw.get(timeout=timeout))
+
+
+def cmd_listen(args) -> int:
+    try:
+        mic, chunks = open_microphone(args.device, args.chunk_ms)
+    except MicrophoneError as e:
+        print(f"voxtral-wgpu listen: {e}", file=sys.stderr)
+        return 2
+    model = _load(args)
+    out = sys.stdout
+    print("listening... (Ctrl-C to stop)", file=sys.stderr)
+    stream = model.create_stream(transcription_delay_ms=args.transcription_delay_ms)
+    try:
+        with mic:
+            while True:
+                try:
+                    x = chunks.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                for d in stream.feed(x):
+                    out.write(d.text)
+                out.flush()
+                if stream.eos:  # the model closed its transcript: start a fresh one and keep listening
+                    for d in stream.finish():
+                        out.write(d.text)
+                    out.write("\n")
+                    stream = model.create_stream(transcription_delay_ms=args.transcription_delay_ms)
+    except KeyboardInterrupt:
+        pass
+    for d in stream.finish():
+        out.write(d.text)
+    out.write("\n")
+    out.flush()
+    return 0
