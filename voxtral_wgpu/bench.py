@@ -136,6 +136,7 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
     s.stop_on_eos = False
     s.push_mel(mel_of(audio_of(2.0)))
     s.decode()
+    s.release()
     gpu.sync()
 
     # encoder throughput: 10 s of audio through encoder + adapter only
@@ -150,6 +151,7 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
         s.encode_available()
     gpu.sync()
     enc_s = time.perf_counter() - t
+    s.release()
     res["encoder_ms_per_audio_s"] = 1000 * enc_s / (total * 0.08)
     log(f"encoder: {res['encoder_ms_per_audio_s']:.1f} ms per second of audio ({total} positions)")
 
@@ -180,6 +182,7 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
         f"p90 {res['step_ms_p90']:.2f} ms")
 
     # pipelined decode throughput (no sync between steps), fresh session
+    s.release()
     s = Session(model, n_delay)
     s.stop_on_eos = False
     s.push_mel(mel)
@@ -196,6 +199,7 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
         gpu.flush()
     gpu.sync()
     res["step_ms_pipelined"] = 1000 * (time.perf_counter() - t) / max(n, 1)
+    s.release()
     res["tokens_per_s"] = 1000 / res["step_ms_pipelined"]
     log(f"step (pipelined): {res['step_ms_pipelined']:.2f} ms = {res['tokens_per_s']:.0f} tokens/s")
 
@@ -209,6 +213,29 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
         res[f"rtf_{sec:g}s"] = dt / sec
         res[f"steps_{sec:g}s"] = len(tr.token_ids)
         log(f"offline {sec:g} s: {dt:.2f} s, RTF {dt / sec:.4f}, {len(tr.token_ids)} tokens")
+    # scaling with session length: step time at the context a 1, 10 or 60 minute session reaches
+    # (positions jumped to directly; the decoder attends to min(position, 8192) cached keys)
+    for minutes in (1, 10, 60):
+        pos = int(minutes * 60 / 0.08) + L
+        s = Session(model, n_delay)
+        s.stop_on_eos = False
+        s.push_mel(mel[: L * MEL_FRAMES_PER_POSITION])
+        s.encode_available()
+        s._decoder_rows(0, L - 1, head=False)
+        s._grow_decoder_cache(pos + 1)
+        gpu.sync()
+        ts = []
+        for i in range(16):
+            t = time.perf_counter()
+            s._decoder_rows(pos + i, 1, head=True)
+            gpu.sync()
+            ts.append(1000 * (time.perf_counter() - t))
+        res[f"step_ms_at_{minutes}min"] = _pct(ts, 50)
+        res[f"dec_kv_bytes_at_{minutes}min"] = 2 * len(s.dec.k_cache) * s.dec.cap * 4 * model.cfg.decoder.n_kv_heads * model.cfg.decoder.head_dim
+        log(f"step at {minutes} min of context: {res[f'step_ms_at_{minutes}min']:.2f} ms (synced), decoder KV "
+            f"{res[f'dec_kv_bytes_at_{minutes}min'] / 2**20:.0f} MiB")
+        s.release()
+
     # streaming: 10 s fed in 80 ms chunks as fast as the model takes them; per-token latency is
     # the time from the feed() that completed a token's position to that token's return
     stream = model.create_stream()
