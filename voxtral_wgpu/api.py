@@ -123,6 +123,12 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
     if path is None:
         path = DEFAULT_REPO
     p = Path(os.fsdecode(path)).expanduser()
+    if not p.exists() and p.with_name(p.name + ".part-000").is_file():
+        return p.with_name(p.name + ".part-000")  # NAME.gguf given, its byte shards on disk
+    if p.is_dir() and not (p / "consolidated.safetensors").exists():
+        ggufs = sorted(p.glob("*.gguf")) or sorted(p.glob("*.gguf.part-000"))
+        if ggufs:
+            return ggufs[0]  # e.g. a Hugging Face snapshot holding only a GGUF
     if p.exists():
         return p
     s = os.fsdecode(path)
@@ -142,21 +148,23 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
 
 
 def load(path: str | os.PathLike | None = None, *, transcription_delay_ms: int | None = None,
-         tokenizer: str | os.PathLike | None = None, gpu: Gpu | None = None, progress: bool | None = None) -> Model:
+         tokenizer: str | os.PathLike | None = None, gpu: Gpu | None = None, progress: bool | None = None,
+         embeddings: str | None = None) -> Model:
     """Load a Voxtral Mini 4B Realtime checkpoint onto the GPU.
 
     ``path``: a Mistral-native directory (params.json, consolidated.safetensors in BF16,
     tekken.json), a ``.gguf`` file, or a Hugging Face repo id present in the local cache (default
     ``mistralai/Voxtral-Mini-4B-Realtime-2602``). ``transcription_delay_ms``: the default delay of
     this model's transcriptions (None: tekken.json's, 480 ms). ``tokenizer``: tekken.json when it
-    does not sit beside the weights."""
+    does not sit beside the weights. ``embeddings`` (GGUF only): "gpu" gathers input embeddings on
+    the GPU (default), "cpu" dequantises the rows with the C extension as the browser build does."""
     root = resolve_model_path(path)
     if gpu is None:
         gpu = Gpu()
     if root.is_file() or root.name.endswith(".gguf.part-000"):
         from .gguf_loader import load_gguf  # Q4_0 / Q8_0 path
 
-        weights, tok_path = load_gguf(gpu, root, tokenizer=tokenizer, progress=progress)
+        weights, tok_path = load_gguf(gpu, root, tokenizer=tokenizer, progress=progress, embeddings=embeddings)
     else:
         tok_path = Path(tokenizer) if tokenizer is not None else root / "tekken.json"
         cfg = ModelConfig.from_file(root / "params.json")

@@ -98,6 +98,15 @@ def linear(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool
     assert x.cols == w.k and y.cols == w.n and x.rows == y.rows, (x, w.n, w.k, y)
     if x.rows == 0:
         return
+    if getattr(w, "dtype", "") in ("q4_0", "q8_0"):
+        from . import ops_quant  # the quantised kernels have their own shader family
+
+        if norm is not None and not ops_quant.matvec_ok(x, w, batch_invariant=batch_invariant):
+            assert scratch is not None, "linear(norm=...) on this path needs a scratch matrix"
+            rms_norm(gpu, x, norm, scratch, eps)
+            x, norm = scratch, None
+        return ops_quant.linear(gpu, x, w, y, act=act, accumulate=accumulate, batch_invariant=batch_invariant,
+                                norm=norm, eps=eps)
     groups = _row_groups(x, w, batch_invariant)
     if groups is not None:
         for r in groups:
@@ -111,10 +120,6 @@ def linear(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool
         rms_norm(gpu, x, norm, scratch, eps)
         x, norm = scratch, None
     dtype = getattr(w, "dtype", "bf16")
-    if dtype in ("q4_0", "q8_0"):
-        from . import ops_quant  # the quantised kernels have their own shader family
-
-        return ops_quant.linear(gpu, x, w, y, act=act, accumulate=accumulate, batch_invariant=batch_invariant)
     bias = w.bias
     if fused:
         k = gpu.kernel("matvec", "matvec", ROWS=MATVEC_ROWS)
@@ -148,6 +153,11 @@ def swiglu_ffn_in(gpu: Gpu, x: Mat, w1, w3, out: Mat, *, norm, eps: float, scrat
                   batch_invariant: bool = False) -> None:
     """``out = silu(xn W1^T) * (xn W3^T)`` with ``xn = RMSNorm(x) * norm``: one fused kernel for
     decode rows; norm, two linears and ``swiglu`` otherwise (``tmp`` shaped like ``out``)."""
+    if getattr(w1, "dtype", "") in ("q4_0", "q8_0"):
+        from . import ops_quant
+
+        if ops_quant.swiglu_ffn_in(gpu, x, w1, w3, out, norm=norm, eps=eps, batch_invariant=batch_invariant):
+            return
     groups = _row_groups(x, w1, batch_invariant)
     if groups is not None:
         for r in groups:
@@ -175,6 +185,11 @@ def qkv_proj(gpu: Gpu, x: Mat, wq, wk, wv, qkv: Mat, *, norm, eps: float, scratc
     norm and three linears."""
     nq, nkv = wq.n, wk.n
     assert qkv.cols == nq + 2 * nkv and wv.n == nkv
+    if getattr(wq, "dtype", "") in ("q4_0", "q8_0"):
+        from . import ops_quant
+
+        if ops_quant.qkv_proj(gpu, x, wq, wk, wv, qkv, norm=norm, eps=eps, batch_invariant=batch_invariant):
+            return
     groups = _row_groups(x, wq, batch_invariant)
     if groups is not None:
         for r in groups:

@@ -1,0 +1,279 @@
+"""The Q4_0 / Q8_0 shaders (linear_quant.wgsl, embed_quant.wgsl) against NumPy on the dequantised
+weights, the GPU layout against its documentation, and GPU gather == CPU dequant embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from voxtral_wgpu import ops_quant as oq
+from voxtral_wgpu.ops import ACT_GELU, ACT_NONE, ACT_SILU, Mat
+
+QTYPES = ["q4_0", "q8_0"]
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def ggml_quantize(w: np.ndarray, dtype: str) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    return quantize(np.ascontiguousarray(w, np.float32), GGMLQuantizationType[dtype.upper()])
+
+
+def act_ref(v: np.ndarray, act: int) -> np.ndarray:
+    if act == ACT_GELU:
+        return 0.5 * v * (1.0 + _erf(v / math.sqrt(2.0)))
+    if act == ACT_SILU:
+        return v / (1.0 + np.exp(-v))
+    return v
+
+
+@pytest.mark.parametrize("dtype", QTYPES)
+def test_host_dequant_equals_gguf(dtype):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((7, 96)).astype(np.float32)
+    w[0, :32] = 0.0  # a zero block (d = 0)
+    w[1, :32] *= 1e-6  # subnormal f16 scales
+    q = ggml_quantize(w, dtype)
+    ref = dequantize(q, GGMLQuantizationType[dtype.upper()]).reshape(w.shape)
+    assert np.array_equal(oq.dequantize_blocks(q, 7, 96, dtype), ref)
+
+
+@pytest.mark.parametrize("dtype", QTYPES)
+@pytest.mark.parametrize("slab_rows", [0, 1, 3])
+def test_gpu_layout_matches_its_documentation(gpu, monkeypatch, dtype, slab_rows):
+    """Buffer = [quants of block r*NB+b | pad to 256 | f16 scales], as the browser build rebuilds it;
+    also when uploaded a few rows at a time from a reader (an odd block count per row: 3)."""
+    rng = np.random.default_rng(2)
+    n, k = 5, 96
+    q = ggml_quantize(rng.standard_normal((n, k)), dtype)
+    if slab_rows:
+        monkeypatch.setattr(oq, "UPLOAD_SLAB_BYTES", slab_rows * q.shape[1])
+        w = oq.upload_quant(gpu, lambda r0, r1: q[r0:r1], n, k, dtype, "layout", keep_host=True)
+        assert np.array_equal(w.host_blocks, q)
+    else:
+        w = oq.upload_quant(gpu, q, n, k, dtype, "layout")
+    (buf, row0, nrows), = w.chunks
+    raw = gpu.read(buf, np.uint8)
+    bb, qb = oq.GGML_BLOCK_BYTES[dtype], oq.QUANT_BYTES[dtype]
+    blocks = q.reshape(-1, bb)
+    qbytes, sc_off, _, _ = oq.chunk_layout(dtype, n, k)
+    assert qbytes == n * k // 32 * qb and sc_off % 256 == 0
+    assert np.array_equal(raw[:qbytes].reshape(-1, qb), blocks[:, 2:])
+    assert np.array_equal(raw[sc_off:sc_off + 2 * len(blocks)].reshape(-1, 2), blocks[:, :2])
+
+
+def _run_linear(gpu, w_q, b, x, y0, *, act, accumulate, x_pad, y_pad, xo=3, batch_invariant=False):
+    """x placed at element ``xo`` with row stride K + x_pad; y likewise at element 5."""
+    M, K = x.shape
+    N = w_q.n
+    lda, ldy = K + x_pad, N + y_pad
+    yo = 5
+    xbuf = np.zeros(xo + M * lda, np.float32)
+    xbuf[xo:].reshape(M, lda)[:, :K] = x
+    ybuf = np.zeros(yo + M * ldy, np.float32)
+    ybuf[yo:].reshape(M, ldy)[:, :N] = y0
+    gx, gy = gpu.upload(xbuf), gpu.upload(ybuf)
+    oq.linear(gpu, Mat(gx, M, K, lda, xo), w_q, Mat(gy, M, N, ldy, yo), act=act, accumulate=accumulate,
+              batch_invariant=batch_invariant)
+    out = gpu.read(gy, np.float32)[: len(ybuf)]
+    got = out[yo:].reshape(M, ldy)[:, :N]
+    # untouched padding stays untouched
+    assert np.array_equal(out[:yo], ybuf[:yo])
+    assert np.array_equal(out[yo:].reshape(M, ldy)[:, N:], ybuf[yo:].reshape(M, ldy)[:, N:])
+    return got
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(dtype=st.sampled_from(QTYPES), M=st.one_of(st.integers(1, 4), st.integers(5, 70)), N=st.integers(1, 140),
+       nb=st.integers(1, 10), act=st.sampled_from([ACT_NONE, ACT_GELU, ACT_SILU]), has_bias=st.booleans(),
+       accumulate=st.booleans(), x_pad=st.sampled_from([0, 1, 4]), y_pad=st.integers(0, 2),
+       xo=st.sampled_from([0, 3, 8]), batch_invariant=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_matches_numpy_on_dequantised_weights(gpu, dtype, M, N, nb, act, has_bias, accumulate, x_pad, y_pad,
+                                                      xo, batch_invariant, seed):
+    """Both kernels (matvec for 16-byte aligned x rows, 4 rows per dispatch up to 64 rows; tiled
+    otherwise and whenever batch-invariant), any epilogue."""
+    rng = np.random.default_rng(seed)
+    K = 32 * nb
+    w = (rng.standard_normal((N, K)) / math.sqrt(K)).astype(np.float32)
+    q = ggml_quantize(w, dtype)
+    wd = oq.dequantize_blocks(q, N, K, dtype).astype(np.float64)
+    b = (0.1 * rng.standard_normal(N)).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    y0 = rng.standard_normal((M, N)).astype(np.float32)
+    wq = oq.upload_quant(gpu, q, N, K, dtype, "w", bias=gpu.upload(b) if has_bias else None)
+    got = _run_linear(gpu, wq, b, x, y0, act=act, accumulate=accumulate, x_pad=x_pad, y_pad=y_pad, xo=xo,
+                      batch_invariant=batch_invariant)
+    ref = x.astype(np.float64) @ wd.T + (b if has_bias else 0.0)
+    ref = act_ref(ref, act) + (y0 if accumulate else 0.0)
+    scale = np.abs(x).astype(np.float64) @ np.abs(wd).T + np.abs(b) + np.abs(y0) + 1.0
+    assert np.all(np.abs(got - ref) <= 2e-6 * scale), float(np.max(np.abs(got - ref) / scale))
+
+
+@pytest.mark.parametrize("dtype", QTYPES)
+@pytest.mark.parametrize("lanes,rpt,unroll", [(32, 1, 1), (32, 4, 2), (16, 2, 2), (8, 3, 1), (64, 1, 2), (256, 1, 1)])
+def test_matvec_work_splits(gpu, monkeypatch, dtype, lanes, rpt, unroll):
+    """Every (lanes per row group, rows per invocation) split of the matvec kernel, M = 1..4."""
+    rng = np.random.default_rng(lanes + rpt)
+    N, K = 77, 224
+    q = ggml_quantize(rng.standard_normal((N, K)), dtype)
+    wd = oq.dequantize_blocks(q, N, K, dtype).astype(np.float64)
+    b = rng.standard_normal(N).astype(np.float32)
+    wq = oq.upload_quant(gpu, q, N, K, dtype, "w", bias=gpu.upload(b))
+    monkeypatch.setattr(oq, "MATVEC_LANES", lanes)
+    monkeypatch.setattr(oq, "MATVEC_RPT", rpt)
+    monkeypatch.setattr(oq, "MATVEC_UNROLL", unroll)
+    for M in range(1, 5):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        y0 = rng.standard_normal((M, N)).astype(np.float32)
+        got = _run_linear(gpu, wq, b, x, y0, act=ACT_SILU, accumulate=True, x_pad=4, y_pad=1, xo=4)
+        ref = act_ref(x.astype(np.float64) @ wd.T + b, ACT_SILU) + y0
+        assert np.abs(got - ref).max() < 1e-4, (M, np.abs(got - ref).max())
+
+
+@pytest.mark.parametrize("dtype", QTYPES)
+@pytest.mark.parametrize("M", [1, 4, 9])
+def test_linear_over_several_chunks(gpu, monkeypatch, dtype, M):
+    """Rows split over several bindings (the LM head under a small max binding) give the same result."""
+    rng = np.random.default_rng(3)
+    N, K = 203, 64
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    q = ggml_quantize(w, dtype)
+    b = rng.standard_normal(N).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    whole = oq.upload_quant(gpu, q, N, K, dtype, "whole", bias=gpu.upload(b))
+    monkeypatch.setattr(gpu, "max_binding", 50 * K // 32 * (oq.QUANT_BYTES[dtype] + 2) + 512)  # 50 rows per binding
+    parts = oq.upload_quant(gpu, q, N, K, dtype, "parts", bias=gpu.upload(b))
+    assert len(whole.chunks) == 1 and [c[1:] for c in parts.chunks] == [(0, 50), (50, 50), (100, 50), (150, 50),
+                                                                         (200, 3)]
+    outs = []
+    for wq in (whole, parts):
+        gy = gpu.empty(4 * M * N)
+        oq.linear(gpu, Mat.of(gpu.upload(x), M, K), wq, Mat.of(gy, M, N))
+        outs.append(gpu.read(gy, np.float32, M * N))
+    assert np.array_equal(outs[0], outs[1])
+    ref = x.astype(np.float64) @ oq.dequantize_blocks(q, N, K, dtype).T.astype(np.float64) + b
+    assert np.abs(outs[0].reshape(M, N) - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", QTYPES)
+def test_batch_invariant_rows_do_not_depend_on_m(gpu, dtype):
+    """With batch_invariant, row r of x gives bit-identical output whether sent alone or with others."""
+    rng = np.random.default_rng(6)
+    N, K, M = 70, 160, 9
+    wq = oq.upload_quant(gpu, ggml_quantize(rng.standard_normal((N, K)), dtype), N, K, dtype, "w")
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    gx = gpu.upload(x)
+    outs = []
+    for rows in (M, 1, 3):
+        gy = gpu.empty(4 * rows * N)
+        oq.linear(gpu, Mat.of(gx, rows, K), wq, Mat.of(gy, rows, N), batch_invariant=True)
+        outs.append(gpu.read(gy, np.float32, rows * N).reshape(rows, N))
+    assert np.array_equal(outs[1], outs[0][:1]) and np.array_equal(outs[2], outs[0][:3])
+
+
+def _embed_case(gpu, dtype, rng, vocab=300, dim=96, rows=5, acap=7):
+    w = (0.1 * rng.standard_normal((vocab, dim))).astype(np.float32)
+    w[3, :32] *= 1e-4  # subnormal f16 scales
+    q = ggml_quantize(w, dtype)
+    tokens = np.array([9, 3, 299, 0, 150, 3, 77, 1], np.uint32)
+    audio = rng.standard_normal((acap, dim)).astype(np.float32)
+    return q, tokens, audio
+
+
+@pytest.mark.parametrize("dtype", QTYPES)
+def test_embed_gpu_gather_equals_cpu_dequant(gpu, monkeypatch, dtype):
+    pytest.importorskip("voxtral_wgpu._native")
+    rng = np.random.default_rng(4)
+    vocab, dim, rows, acap, tok_off, apos0 = 300, 96, 5, 7, 2, 5
+    q, tokens, audio = _embed_case(gpu, dtype, rng, vocab, dim, rows, acap)
+    gtok, gaudio = gpu.upload(tokens), gpu.upload(audio)
+    ids = tokens[tok_off:tok_off + rows].astype(np.int64)
+    expect = audio[(apos0 + np.arange(rows)) % acap] + oq.dequantize_blocks(q, vocab, dim, dtype)[ids]
+    results = {}
+    tables = {"gpu": oq.upload_quant(gpu, q, vocab, dim, dtype, "E"),
+              "cpu": oq.upload_quant(gpu, q, vocab, dim, dtype, "E", keep_host=True, embeddings="cpu")}
+    monkeypatch.setattr(gpu, "max_binding", 64 * dim // 32 * (oq.QUANT_BYTES[dtype] + 2) + 512)  # 64 rows
+    tables["gpu-chunked"] = oq.upload_quant(gpu, q, vocab, dim, dtype, "E")
+    assert len(tables["gpu-chunked"].chunks) == 5
+    for mode, table in tables.items():
+        out = gpu.empty(4 * rows * dim)
+        oq.embed(gpu, gtok, tok_off, gaudio, apos0, acap, table, Mat.of(out, rows, dim))
+        results[mode] = gpu.read(out, np.float32, rows * dim).reshape(rows, dim)
+    assert np.array_equal(results["gpu"], expect)  # exact: (q - 8) * d and one f32 add
+    assert np.array_equal(results["cpu"], results["gpu"])
+    assert np.array_equal(results["gpu-chunked"], results["gpu"])
+
+
+@pytest.mark.parametrize("dtype", QTYPES)
+def test_native_rows_equal_shader_rows(dtype):
+    """The C extension's dequantisation (browser path) equals the layout reference exactly."""
+    native = pytest.importorskip("voxtral_wgpu._native")
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((40, 128)).astype(np.float32)
+    w[7] *= 1e-5
+    q = ggml_quantize(w, dtype)
+    fn = native.q4_0_rows if dtype == "q4_0" else native.q8_0_rows
+    ids = [0, 7, 39, 7]
+    assert np.array_equal(fn(q, 128, ids), oq.dequantize_blocks(q, 40, 128, dtype)[ids])
+
+
+def test_upload_rejects_bad_shapes(gpu):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        oq.upload_quant(gpu, np.zeros(18, np.uint8), 1, 16, "q4_0", "bad")
+    with pytest.raises(ValueError, match="needs"):
+        oq.upload_quant(gpu, np.zeros(17, np.uint8), 1, 32, "q4_0", "bad")
+    with pytest.raises(ValueError, match="unsupported"):
+        oq.upload_quant(gpu, np.zeros(18, np.uint8), 1, 32, "q5_0", "bad")
+
+
+def _rms(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(axis=1, keepdims=True) + eps) * g
+
+
+@pytest.mark.parametrize("dtype", QTYPES)
+def test_fused_norm_swiglu_and_qkv_decode_kernels(gpu, monkeypatch, dtype):
+    """RMSNorm folded into the matvec, SwiGLU (w1, w3) and stacked q/k/v in one dispatch each."""
+    rng = np.random.default_rng(7)
+    K, eps = 96, 1e-5
+    g = (1 + 0.2 * rng.standard_normal(K)).astype(np.float32)
+    gg = gpu.upload(g)
+
+    def mk(n):
+        q = ggml_quantize(rng.standard_normal((n, K)) / math.sqrt(K), dtype)
+        return oq.upload_quant(gpu, q, n, K, dtype, "w"), oq.dequantize_blocks(q, n, K, dtype).astype(np.float64)
+
+    (w1, d1), (w3, d3) = mk(45), mk(45)
+    (wq, dq), (wk, dk), (wv, dv) = mk(37), mk(13), mk(20)  # q/k/v boundaries inside a row group
+    monkeypatch.setattr(oq, "LM_HEAD_ROWS", 40)  # w1/w3 (45 rows) take the LM-head split here
+    for M in (1, 3, 4):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        xn = _rms(x, g, eps)
+        gx = gpu.upload(x)
+        out = gpu.empty(4 * M * 70)
+        y0 = rng.standard_normal((M, 45)).astype(np.float32)
+        gpu.write(out, y0)
+        oq.linear(gpu, Mat.of(gx, M, K), w1, Mat.of(out, M, 45), accumulate=True, norm=gg, eps=eps)
+        got = gpu.read(out, np.float32, M * 45).reshape(M, 45)
+        assert np.abs(got - (xn @ d1.T + y0)).max() < 1e-4
+        assert oq.swiglu_ffn_in(gpu, Mat.of(gx, M, K), w1, w3, Mat.of(out, M, 45), norm=gg, eps=eps)
+        a, b = xn @ d1.T, xn @ d3.T
+        got = gpu.read(out, np.float32, M * 45).reshape(M, 45)
+        assert np.abs(got - a / (1 + np.exp(-a)) * b).max() < 1e-4
+        assert oq.qkv_proj(gpu, Mat.of(gx, M, K), wq, wk, wv, Mat.of(out, M, 70), norm=gg, eps=eps)
+        got = gpu.read(out, np.float32, M * 70).reshape(M, 70)
+        assert np.abs(got - np.concatenate([xn @ dq.T, xn @ dk.T, xn @ dv.T], axis=1)).max() < 1e-4
+    # not applicable: too many rows or unaligned x -> nothing recorded, the caller falls back
+    x5 = Mat.of(gpu.upload(np.zeros((5, K), np.float32)), 5, K)
+    assert not oq.swiglu_ffn_in(gpu, x5, w1, w3, Mat.of(out, 5, 45), norm=gg, eps=eps)
+    assert not oq.qkv_proj(gpu, Mat(gx, 1, K, K, 1), wq, wk, wv, Mat.of(out, 1, 70), norm=gg, eps=eps)
+    with pytest.raises(ValueError, match="matvec"):
+        oq.linear(gpu, x5, w1, Mat.of(out, 5, 45), norm=gg)

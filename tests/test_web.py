@@ -1,0 +1,34 @@
+"""Browser build: the page's token ids (web/model.js over the same shaders/*.wgsl) equal the Python
+implementation's on the same audio, and its mel (web/mel.js) equals the C extension's, for a tiny Q4_0
+model, in headless Debian chromium with the SwiftShader WebGPU adapter (no browser driver: the page
+POSTs its result to the test server)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason="needs Debian chromium (apt-get install chromium)")
+
+
+def test_page_ids_and_mel_equal_python(tmp_path):
+    sys.path.insert(0, str(ROOT / "web" / "test"))
+    from make_fixture import build
+    from run_browser import run_page
+
+    exp = build(tmp_path)
+    r = run_page(tmp_path, "test/test.html?return_mel=1", timeout=150)
+    assert r["errors"] == []
+    mel = np.fromfile(tmp_path / "mel.f32", "<f4")
+    js = np.asarray(r["mel"], np.float32)
+    assert js.shape == mel.shape
+    assert float(np.abs(js - mel).max()) <= 1e-4
+    assert r["ids"] == exp["ids"] and len(exp["ids"]) > 0
+    print(json.dumps({k: r[k] for k in ("adapter", "load_s", "decode_s", "steps")}))

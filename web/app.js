@@ -1,0 +1,99 @@
+// app.js — the page: load the model (progress bar, Cache API), transcribe an uploaded file
+// (decodeAudioData -> mono 16 kHz through OfflineAudioContext) or the microphone (AudioWorklet),
+// with tokens/s and real-time factor. Orchestration only: the graph is model.js.
+import { Gpu } from "./gpu.js";
+import { GgufFile, fetchShards } from "./gguf.js";
+import { logMel, MelStream } from "./mel.js";
+import { Model, Session, loadWeights, configFromGguf, padding, delayMsToTokens, MEL_FRAMES_PER_POSITION,
+  OFFLINE_CHUNK_POSITIONS, SAMPLES_PER_TOKEN, N_MELS } from "./model.js";
+import { Tekken } from "./tokenizer.js";
+
+const $ = (id) => document.getElementById(id);
+const msg = (s) => { $("msg").textContent = s; };
+let model = null, tok = null;
+
+async function load() {
+  if (!navigator.gpu) { msg("This browser has no WebGPU (navigator.gpu is missing). Use a recent Chrome/Edge, or Firefox/Safari with WebGPU enabled."); return; }
+  const man = await (await fetch("model/manifest.json")).json();
+  const mem = navigator.deviceMemory;
+  if (mem && mem * 2 ** 30 < man.bytes * 1.5) msg(`Warning: this device reports ${mem} GB of memory; the model needs about ${(man.bytes / 2 ** 30).toFixed(1)} GB of GPU memory.`);
+  const gpu = await Gpu.create({ shaderBase: "shaders/" });
+  if (gpu.maxBuffer < 128 * 2 ** 20) { msg("The WebGPU adapter's buffer limit is too small for this model."); return; }
+  const t0 = performance.now();
+  const shards = await fetchShards(man.shards, (d, t) => { $("bar").value = t ? d / t : 0; $("pct").textContent = `${(d / 2 ** 20).toFixed(0)} / ${(t / 2 ** 20).toFixed(0)} MiB`; });
+  const gf = new GgufFile(shards);
+  tok = await Tekken.fetch(man.tokenizer);
+  const weights = await loadWeights(gpu, gf, configFromGguf(gf.metadata), (d, t) => { $("pct").textContent = `uploading ${d}/${t}`; });
+  shards.length = 0; // host copies released once on the GPU
+  model = new Model(gpu, weights, tok);
+  $("loading").hidden = true; $("controls").hidden = false;
+  $("stats").textContent = `loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s on ${gpu.description}`;
+}
+
+async function to16kMono(arrayBuffer) {
+  const ctx = new AudioContext();
+  const buf = await ctx.decodeAudioData(arrayBuffer);
+  ctx.close();
+  const off = new OfflineAudioContext(1, Math.ceil(buf.duration * 16000), 16000);
+  const src = off.createBufferSource(); src.buffer = buf; src.connect(off.destination); src.start();
+  return (await off.startRendering()).getChannelData(0);
+}
+
+function stats(s, t0, seconds) {
+  const dt = (performance.now() - t0) / 1000;
+  const steps = Math.max(s.nextPos - s.promptIds.length + 1, 0);
+  $("stats").textContent = `${steps} steps, ${(steps / dt).toFixed(1)} tokens/s, real-time factor ${(dt / Math.max(seconds, 1e-9)).toFixed(2)}`;
+}
+
+async function transcribeFile(file) {
+  const samples = await to16kMono(await file.arrayBuffer());
+  const nDelay = delayMsToTokens(model.defaultDelayMs);
+  const [l, r] = padding(samples.length, nDelay, model.nLeftPad);
+  const padded = new Float32Array(l + samples.length + r); padded.set(samples, l);
+  const t0 = performance.now();
+  const mel = logMel(padded);
+  const s = new Session(model, nDelay, { chunkPositions: OFFLINE_CHUNK_POSITIONS });
+  s.close(padded.length / SAMPLES_PER_TOKEN);
+  const dec = tok.stream(); $("text").textContent = "";
+  const chunk = MEL_FRAMES_PER_POSITION * OFFLINE_CHUNK_POSITIONS * N_MELS;
+  for (let i = 0; i <= mel.length && !s.done; i += chunk) {
+    s.pushMel(mel.subarray(i, i + chunk));
+    for (const id of await s.decode()) $("text").textContent += dec.push(id);
+    stats(s, t0, samples.length / 16000);
+  }
+  $("text").textContent += dec.flush();
+  s.release();
+}
+
+let mic = null;
+async function toggleMic() {
+  if (mic) { await mic.stop(); mic = null; $("mic").textContent = "Start microphone"; return; }
+  const stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: false } });
+  const ctx = new AudioContext({ sampleRate: 16000 }); // the browser resamples the microphone to 16 kHz
+  await ctx.audioWorklet.addModule("worklet.js");
+  const node = new AudioWorkletNode(ctx, "capture");
+  ctx.createMediaStreamSource(stream).connect(node);
+  const nDelay = delayMsToTokens(model.defaultDelayMs);
+  const s = new Session(model, nDelay);
+  const melS = new MelStream();
+  melS.feed(new Float32Array(model.nLeftPad * SAMPLES_PER_TOKEN)); // the left padding of silence
+  const dec = tok.stream(); $("text").textContent = "";
+  const t0 = performance.now(); let fed = 0, busy = false;
+  node.port.onmessage = async (e) => {
+    fed += e.data.length;
+    s.pushMel(melS.feed(e.data));
+    if (busy) return;
+    busy = true;
+    try { for (const id of await s.decode()) $("text").textContent += dec.push(id); stats(s, t0, fed / 16000); } finally { busy = false; }
+  };
+  mic = { stop: async () => { node.port.onmessage = null; stream.getTracks().forEach((t) => t.stop()); await ctx.close();
+    s.pushMel(melS.feed(new Float32Array((nDelay + 11) * SAMPLES_PER_TOKEN))); s.pushMel(melS.finish());
+    s.close(Math.floor(melS.emitted / MEL_FRAMES_PER_POSITION));
+    for (const id of await s.decode()) $("text").textContent += dec.push(id);
+    $("text").textContent += dec.flush(); s.release(); } };
+  $("mic").textContent = "Stop microphone";
+}
+
+$("file").addEventListener("change", (e) => e.target.files[0] && transcribeFile(e.target.files[0]).catch((err) => msg(String(err))));
+$("mic").addEventListener("click", () => toggleMic().catch((err) => msg(String(err))));
+load().catch((e) => msg(`Loading failed: ${e.message || e}`));

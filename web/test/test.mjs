@@ -1,0 +1,56 @@
+// Browser test driver: loads the fixture (tiny Q4 GGUF, tekken.json, audio), runs the graph
+// offline exactly like api.transcribe, and POSTs {ids, mel...} to /result for the Python side to check.
+import { Gpu } from "../gpu.js";
+import { GgufFile, fetchShards } from "../gguf.js";
+import { Model, Session, loadWeights, configFromGguf, padding, delayMsToTokens, MEL_FRAMES_PER_POSITION, OFFLINE_CHUNK_POSITIONS, SAMPLES_PER_TOKEN, N_MELS } from "../model.js";
+import { Tekken } from "../tokenizer.js";
+
+const log = (s) => { document.getElementById("log").textContent += s + "\n"; };
+const q = new URLSearchParams(location.search);
+const fx = q.get("fixture") || "/fixture/";
+const out = { errors: [] };
+const t0 = performance.now();
+try {
+  const gpu = await Gpu.create({ shaderBase: "/shaders/" });
+  out.adapter = gpu.description;
+  const shards = await fetchShards([fx + "model.gguf"]);
+  const gf = new GgufFile(shards);
+  const cfg = configFromGguf(gf.metadata);
+  const tok = await Tekken.fetch(fx + "tekken.json");
+  const weights = await loadWeights(gpu, gf, cfg);
+  const model = new Model(gpu, weights, tok);
+  out.load_s = (performance.now() - t0) / 1000;
+  const samples = new Float32Array(await (await fetch(fx + "audio.f32")).arrayBuffer());
+  const nDelay = delayMsToTokens(model.defaultDelayMs);
+  const [left, right] = padding(samples.length, nDelay, model.nLeftPad);
+  const padded = new Float32Array(left + samples.length + right);
+  padded.set(samples, left);
+  let mel;
+  if (q.get("mel") === "python") mel = new Float32Array(await (await fetch(fx + "mel.f32")).arrayBuffer());
+  else { const { logMel } = await import("../mel.js"); mel = logMel(padded); }
+  out.mel = Array.from(mel.subarray(0, 0)); // filled below when asked
+  if (q.get("return_mel")) out.mel = Array.from(mel);
+  const nPositions = padded.length / SAMPLES_PER_TOKEN;
+  const t1 = performance.now();
+  const s = new Session(model, nDelay, { chunkPositions: OFFLINE_CHUNK_POSITIONS });
+  s.close(nPositions);
+  const chunk = MEL_FRAMES_PER_POSITION * OFFLINE_CHUNK_POSITIONS * N_MELS;
+  for (let i = 0; i < mel.length; i += chunk) {
+    s.pushMel(mel.subarray(i, i + chunk));
+    await s.decode();
+    if (s.done) break;
+  }
+  await s.decode();
+  out.ids = s.generated;
+  out.text = tok.decode(s.generated);
+  out.steps = s.nextPos - s.promptIds.length + 1;
+  out.decode_s = (performance.now() - t1) / 1000;
+  s.release();
+  await gpu.sync();
+  out.errors.push(...gpu.errors);
+  log(JSON.stringify({ ids: out.ids, text: out.text }));
+} catch (e) {
+  out.errors.push(String(e && e.stack || e));
+  log("ERROR " + e);
+}
+await fetch("/result", { method: "POST", body: JSON.stringify(out) });
