@@ -195,15 +195,16 @@ def test_cli_transcribe_json_and_txt(ref, tmp_path):
     wav = tmp_path / "clip.wav"
     sf.write(wav, audio, 16000, subtype="PCM_16")
     out = subprocess.run([sys.executable, "-m", "voxtral_wgpu", "transcribe", str(wav), "--model", str(ref.out_dir),
-                          "--output-format", "json", "--no-progress"], capture_output=True, text=True, timeout=600)
+                          "--output-format", "json", "--no-progress"], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)  # not the repo root: the installed package must be the one imported
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     gen = ref.generate_full(audio)
     assert doc["token_ids"] == gen.ids
     assert doc["text"] == ref.decode(gen.ids).strip()
     bad = subprocess.run([sys.executable, "-m", "voxtral_wgpu", "transcribe", str(tmp_path / "none.wav"), "--model",
-                          str(ref.out_dir)], capture_output=True, text=True, timeout=600)
+                          str(ref.out_dir)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert bad.returncode != 0 and "none.wav" in bad.stderr
     nomodel = subprocess.run([sys.executable, "-m", "voxtral_wgpu", "transcribe", str(wav), "--model",
-                              str(tmp_path / "nomodel")], capture_output=True, text=True, timeout=600)
+                              str(tmp_path / "nomodel")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert nomodel.returncode == 2 and "does not exist" in nomodel.stderr

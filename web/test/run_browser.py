@@ -27,7 +27,9 @@ def run_page(fixture: Path, page: str, timeout: float = 150.0, extra_flags=()) -
     from voxtral_wgpu.web import make_server, serve_in_thread
 
     results: queue.Queue = queue.Queue()
-    srv = make_server(None, "127.0.0.1", 0, mounts={"/fixture/": Path(fixture)},
+    # serve this checkout's web/ (with its test pages) and shaders/, not an installed copy
+    srv = make_server(None, "127.0.0.1", 0, mounts={"/fixture/": Path(fixture), "/": ROOT / "web",
+                                                    "/shaders/": ROOT / "shaders"},
                       on_post=lambda path, body: results.put((path, body)))
     serve_in_thread(srv)
     port = srv.server_address[1]
