@@ -158,6 +158,8 @@ def load(path: str | os.PathLike | None = None, *, transcription_delay_ms: int |
     this model's transcriptions (None: tekken.json's, 480 ms). ``tokenizer``: tekken.json when it
     does not sit beside the weights. ``embeddings`` (GGUF only): "gpu" gathers input embeddings on
     the GPU (default), "cpu" dequantises the rows with the C extension as the browser build does."""
+    if transcription_delay_ms is not None:
+        audio_mod.delay_ms_to_tokens(transcription_delay_ms)  # validate before reading gigabytes
     root = resolve_model_path(path)
     if gpu is None:
         gpu = Gpu()
@@ -165,6 +167,7 @@ def load(path: str | os.PathLike | None = None, *, transcription_delay_ms: int |
         from .gguf_loader import load_gguf  # Q4_0 / Q8_0 path
 
         weights, tok_path = load_gguf(gpu, root, tokenizer=tokenizer, progress=progress, embeddings=embeddings)
+        tok = Tekken.from_file(tok_path)
     else:
         tok_path = Path(tokenizer) if tokenizer is not None else root / "tekken.json"
         cfg = ModelConfig.from_file(root / "params.json")
@@ -173,12 +176,9 @@ def load(path: str | os.PathLike | None = None, *, transcription_delay_ms: int |
         weights = load_safetensors(gpu, root, cfg, progress=bar)
         if bar is not None:
             bar.close()
-    tok = Tekken.from_file(tok_path)
     if tok.vocab_size != weights.cfg.decoder.vocab_size:
         raise ValueError(f"{tok_path}: vocabulary of {tok.vocab_size} ids, but the model has "
                          f"{weights.cfg.decoder.vocab_size} embedding rows")
-    if transcription_delay_ms is not None:
-        audio_mod.delay_ms_to_tokens(transcription_delay_ms)  # validate early
     return Model(gpu, weights, tok, transcription_delay_ms=transcription_delay_ms)
 
 
