@@ -10,8 +10,8 @@
 // Bindings
 //   0  params  uniform  Params
 //   1  q       f32      [rows, ldq] from q_off; head h at columns h*head_dim
-//   2  kc      f32      [cap, n_kv_heads*head_dim]
-//   3  vc      f32      [cap, n_kv_heads*head_dim]
+//   2  kc      u32      [cap, n_kv_heads*head_dim] f32 bits, or f16 pairs with KV_F16 (rope_qkv.wgsl)
+//   3  vc      u32      like kc
 //   4  out     f32      [rows, ldo] from o_off; head h at columns h*head_dim
 //
 // Work split: one workgroup of 128 invocations per (row, head). Keys are walked in tiles of 128:
@@ -35,8 +35,24 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> kc: array<f32>;
-@group(0) @binding(3) var<storage, read> vc: array<f32>;
+@group(0) @binding(2) var<storage, read> kc: array<u32>;
+@group(0) @binding(3) var<storage, read> vc: array<u32>;
+
+override KV_F16: bool = false;
+
+fn k_at(i: u32) -> f32 {
+    if (KV_F16) {
+        return unpack2x16float(kc[i / 2u])[i % 2u];
+    }
+    return bitcast<f32>(kc[i]);
+}
+
+fn v_at(i: u32) -> f32 {
+    if (KV_F16) {
+        return unpack2x16float(vc[i / 2u])[i % 2u];
+    }
+    return bitcast<f32>(vc[i]);
+}
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
 const T: u32 = 128u;
@@ -76,7 +92,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
             let kb = (j % p.cap) * kv_ld + kvh * hd;
             var dot = 0.0;
             for (var d = 0u; d < hd; d++) {
-                dot += qs[d] * kc[kb + d];
+                dot += qs[d] * k_at(kb + d);
             }
             s = dot * p.scale;
         }
@@ -99,10 +115,10 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
             l += pj;
             let vb = ((t0 + i) % p.cap) * kv_ld + kvh * hd;
             if (tid < hd) {
-                acc0 += pj * vc[vb + tid];
+                acc0 += pj * v_at(vb + tid);
             }
             if (tid + T < hd) {
-                acc1 += pj * vc[vb + tid + T];
+                acc1 += pj * v_at(vb + tid + T);
             }
         }
         m = mt;

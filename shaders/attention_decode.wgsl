@@ -12,8 +12,9 @@
 // Bindings
 //   0  params  uniform    Params
 //   1  q       vec4<f32>  query row: head h at elements q_off + h*hd (q_off, hd multiples of 4)
-//   2  kc      vec4<f32>  [cap, n_kv*hd] key ring (position j in slot j % cap)
-//   3  vc      f32        [cap, n_kv*hd] value ring
+//   2  kc      vec2<u32>  [cap, n_kv*hd] key ring (position j in slot j % cap): f32 bits, 4 per two
+//                         vec2s, or with KV_F16 f16 pairs, 4 per vec2 (layout: rope_qkv.wgsl)
+//   3  vc      u32        [cap, n_kv*hd] value ring, f32 bits or f16 pairs
 //   4  part    f32        [n_heads, n_chunks, hd + 2] scratch: (max, sum, acc[hd]) per chunk
 //   5  out     f32        [n_heads*hd] from o_off
 //
@@ -36,8 +37,25 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> kc: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> vc: array<f32>;
+@group(0) @binding(2) var<storage, read> kc: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read> vc: array<u32>;
+
+override KV_F16: bool = false;
+
+fn key4(i4: u32) -> vec4<f32> {  // key elements 4*i4 .. 4*i4+3
+    if (KV_F16) {
+        let w = kc[i4];
+        return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+    }
+    return bitcast<vec4<f32>>(vec4<u32>(kc[2u * i4], kc[2u * i4 + 1u]));
+}
+
+fn v_at(i: u32) -> f32 {
+    if (KV_F16) {
+        return unpack2x16float(vc[i / 2u])[i % 2u];
+    }
+    return bitcast<f32>(vc[i]);
+}
 @group(0) @binding(4) var<storage, read_write> part: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
@@ -84,7 +102,7 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             var acc = vec4<f32>(0.0);
             let kb = slot * kv_w4 + kvh * hd4;
             for (var d = 0u; d < hd4; d++) {
-                let kv = kc[kb + d];
+                let kv = key4(kb + d);
                 acc += vec4<f32>(dot(qs[d], kv), dot(qs[hd4 + d], kv), dot(qs[2u * hd4 + d], kv),
                                  dot(qs[3u * hd4 + d], kv));
             }
@@ -123,7 +141,7 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             for (var d = lane; d < hd; d += 64u) {
                 var a = 0.0;
                 for (var i = 0u; i < n_keys; i++) {
-                    a += prob[i][hh] * vc[((k0 + i) % p.cap) * p.n_kv_heads * hd + kvh * hd + d];
+                    a += prob[i][hh] * v_at(((k0 + i) % p.cap) * p.n_kv_heads * hd + kvh * hd + d);
                 }
                 part[pb + 2u + d] = a;
             }

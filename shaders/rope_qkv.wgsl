@@ -5,13 +5,16 @@
 //   v: copied to vc[(pos0 + r) % cap].
 //   rotation (interleaved pairs, spec §1.2): (a, b) <- (a cos - b sin, a sin + b cos) with (cos, sin)
 //   from the host's float64 table of the row's position (see rope.wgsl).
+//   KV ring elements: f32 (bits stored as u32), or with KV_F16 two f16 per u32 (pack2x16float,
+//   element 2i in the low half), clamped to the finite f16 range first (out-of-range packing is
+//   indeterminate in WGSL). Each invocation owns an even/odd pair, so a pair is one u32 store.
 //
 // Bindings
 //   0  params  uniform  Params
 //   1  table   f32      [rows, hd/2, 2]
 //   2  qkv     f32      [rows, ld] from element off
-//   3  kc      f32      [cap, n_kv*hd]
-//   4  vc      f32      [cap, n_kv*hd]
+//   3  kc      u32      [cap, n_kv*hd] f32 bits, or [cap, n_kv*hd/2] f16 pairs with KV_F16
+//   4  vc      u32      like kc
 //
 // Work split: one invocation per (row, pair) over the q and k heads (n_heads + n_kv pairs of hd/2
 // each), the same invocation also copying v's two elements at that pair index when it lies in a k
@@ -31,8 +34,29 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> table: array<f32>;
 @group(0) @binding(2) var<storage, read_write> qkv: array<f32>;
-@group(0) @binding(3) var<storage, read_write> kc: array<f32>;
-@group(0) @binding(4) var<storage, read_write> vc: array<f32>;
+@group(0) @binding(3) var<storage, read_write> kc: array<u32>;
+@group(0) @binding(4) var<storage, read_write> vc: array<u32>;
+
+override KV_F16: bool = false;
+const F16_MAX: f32 = 65504.0;
+
+fn store_k(i: u32, a: f32, b: f32) {  // elements i, i+1 (i even)
+    if (KV_F16) {
+        kc[i / 2u] = pack2x16float(clamp(vec2<f32>(a, b), vec2<f32>(-F16_MAX), vec2<f32>(F16_MAX)));
+    } else {
+        kc[i] = bitcast<u32>(a);
+        kc[i + 1u] = bitcast<u32>(b);
+    }
+}
+
+fn store_v(i: u32, a: f32, b: f32) {
+    if (KV_F16) {
+        vc[i / 2u] = pack2x16float(clamp(vec2<f32>(a, b), vec2<f32>(-F16_MAX), vec2<f32>(F16_MAX)));
+    } else {
+        vc[i] = bitcast<u32>(a);
+        vc[i + 1u] = bitcast<u32>(b);
+    }
+}
 
 @compute @workgroup_size(256)
 fn rope_qkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -61,10 +85,8 @@ fn rope_qkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
         let kv_w = p.n_kv_heads * p.head_dim;
         let col = (h - p.n_heads) * p.head_dim + 2u * i;
         let dst = ((p.pos0 + r) % p.cap) * kv_w + col;
-        kc[dst] = ra;
-        kc[dst + 1u] = rb;
+        store_k(dst, ra, rb);
         let v = e + kv_w;  // v sits kv_w columns after k in the row
-        vc[dst] = qkv[v];
-        vc[dst + 1u] = qkv[v + 1u];
+        store_v(dst, qkv[v], qkv[v + 1u]);
     }
 }

@@ -23,6 +23,10 @@ from voxtral_wgpu.weights import WeightsError
 # TINY_SW with every matrix row a whole number of 32-weight blocks (dec_dim 80 -> 64)
 SPEC = TINY_SW.replace(dec_dim=64)
 LOGITS_TOL = 1e-4  # max |ours - HF| / max |HF| on the same dequantised weights (float32 both)
+# the same with f16 KV caches (GGUF's default): each cached k/v carries up to 2^-11 relative rounding,
+# measured 5.0e-4 on this model; ids may then differ only after a near-tie
+LOGITS_TOL_KV16 = 3e-3
+MARGIN_KV16 = 2e-2
 
 
 def rel_err(a, b) -> float:
@@ -381,21 +385,27 @@ def test_q4_transcription_matches_hf_on_dequantised_weights(gpu, q4, tmp_path, m
     mel = hf.mel(hf.pad(audio))
     gen = hf.generate_full(audio)
     models = {}
-    for mode in ("gpu", "cpu"):  # input embeddings: GPU gather / C-extension dequant (browser style)
-        monkeypatch.setenv("VOXTRAL_WGPU_EMBEDDINGS", mode)
-        models[mode] = voxtral_wgpu.load(q4, gpu=gpu, progress=False)
+    # input embeddings: GPU gather / C-extension dequant (browser style); KV caches f32 / f16 (default)
+    for emb, kv in (("gpu", "f32"), ("cpu", "f32"), ("gpu", None)):
+        monkeypatch.setenv("VOXTRAL_WGPU_EMBEDDINGS", emb)
+        models[emb, kv] = voxtral_wgpu.load(q4, gpu=gpu, progress=False, kv_cache=kv)
     monkeypatch.delenv("VOXTRAL_WGPU_EMBEDDINGS")
-    assert models["cpu"].weights.extra["embeddings"] == "cpu"
-    ids = {mode: m.transcribe(audio).token_ids for mode, m in models.items()}
-    assert ids["gpu"] == gen.ids, (ids["gpu"], gen.ids)
-    assert ids["cpu"] == ids["gpu"]
+    assert models["cpu", "f32"].weights.extra["embeddings"] == "cpu"
+    assert models["gpu", None].kv_cache == "f16" and models["gpu", "f32"].kv_cache == "f32"
+    ids = {key: m.transcribe(audio).token_ids for key, m in models.items()}
+    assert ids["gpu", "f32"] == gen.ids, (ids["gpu", "f32"], gen.ids)
+    assert ids["cpu", "f32"] == ids["gpu", "f32"]
     theirs = hf.logits(gen.full_ids, mel)[len(gen.prompt_ids) - 1: len(gen.full_ids) - 1]
-    ours = {mode: _teacher_forced(m, hf, gen.full_ids, mel) for mode, m in models.items()}
-    err = rel_err(ours["gpu"], theirs)
-    print(f"Q4_0 teacher-forced logits: max |diff| {np.abs(ours['gpu'] - theirs).max():.3g}, "
-          f"relative {err:.3g}; {len(gen.ids)} greedy ids equal")
+    ours = {key: _teacher_forced(m, hf, gen.full_ids, mel) for key, m in models.items()}
+    err = rel_err(ours["gpu", "f32"], theirs)
+    err16 = rel_err(ours["gpu", None], theirs)
+    print(f"Q4_0 teacher-forced logits: max |diff| {np.abs(ours['gpu', 'f32'] - theirs).max():.3g}, "
+          f"relative {err:.3g} (f16 KV: {err16:.3g}); {len(gen.ids)} greedy ids equal")
     assert err < LOGITS_TOL
-    assert np.array_equal(ours["cpu"], ours["gpu"])  # CPU dequant == GPU gather, bit for bit
+    assert np.array_equal(ours["cpu", "f32"], ours["gpu", "f32"])  # CPU dequant == GPU gather, bit for bit
+    assert 0 < err16 < LOGITS_TOL_KV16  # f16 storage really is in use, and costs little
+    k = next((i for i, (a, b) in enumerate(zip(ids["gpu", None], gen.ids)) if a != b), None)
+    assert k is None or gen.margins[k] < MARGIN_KV16, (k, ids["gpu", None], gen.ids)
 
 
 def test_q8_logits_match_hf_on_dequantised_weights(gpu, ref, q4, tmp_path):
@@ -407,7 +417,29 @@ def test_q8_logits_match_hf_on_dequantised_weights(gpu, ref, q4, tmp_path):
     audio = synth_audio(1.2, seed=5)
     mel = hf.mel(hf.pad(audio))
     gen = hf.generate_full(audio)
-    model = voxtral_wgpu.load(path, gpu=gpu, progress=False)
+    model = voxtral_wgpu.load(path, gpu=gpu, progress=False, kv_cache="f32")
     ours = _teacher_forced(model, hf, gen.full_ids, mel)
     theirs = hf.logits(gen.full_ids, mel)[len(gen.prompt_ids) - 1: len(gen.full_ids) - 1]
     assert rel_err(ours, theirs) < LOGITS_TOL
+
+
+def test_cli_embeddings_and_kv_cache_flags(gpu, ref, q4, tmp_path, capsys):
+    """``--embeddings cpu --kv-cache f32`` reach load(): the CLI's ids equal the API's with the same
+    settings; ``--embeddings cpu`` on a BF16 checkpoint is a clear error."""
+    import soundfile as sf
+
+    import voxtral_wgpu
+    from voxtral_wgpu.cli import main
+
+    audio = synth_audio(1.2, seed=4)
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, audio, 16000, subtype="FLOAT")
+    assert main(["transcribe", str(wav), "--model", str(q4), "--embeddings", "cpu", "--kv-cache", "f32",
+                 "-f", "json", "--no-progress"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    want = voxtral_wgpu.load(q4, gpu=gpu, progress=False, embeddings="cpu", kv_cache="f32").transcribe(audio)
+    assert doc["token_ids"] == want.token_ids and len(want.token_ids) > 0
+    assert main(["transcribe", str(wav), "--model", str(ref.out_dir), "--embeddings", "cpu"]) == 2
+    assert "GGUF models only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kv_cache must be one of f32, f16"):
+        voxtral_wgpu.load(q4, gpu=gpu, progress=False, kv_cache="bf16")

@@ -78,6 +78,31 @@ def test_teacher_forced_logits_match_hf(tiny_model, spec, delay):
     np.testing.assert_allclose(model.ffn_norms(ref.n_delay)[0] is not None, True)
 
 
+@pytest.mark.parametrize("spec", [TINY_SW, TINY_ODD], ids=["sw", "odd"])
+def test_f16_kv_cache_close_to_hf(tiny_ref, gpu, spec):
+    """``kv_cache="f16"`` on BF16 weights (the GGUF default): logits within f16 storage rounding of
+    HF's, greedy ids equal up to a step whose HF margin f16 rounding can flip."""
+    import voxtral_wgpu
+
+    ref = tiny_ref(spec, 480)
+    model = voxtral_wgpu.load(ref.out_dir, gpu=gpu, progress=False, kv_cache="f16")
+    assert model.kv_cache == "f16"
+    audio = synth_audio(2.0, seed=3)
+    mel = ref.mel(ref.pad(audio))
+    gen = ref.generate_full(audio)
+    s = Session(model, ref.n_delay)
+    assert s.enc.k_cache[0].size < 4 * s.enc.cap * spec.enc_heads * spec.enc_head_dim  # really 16-bit
+    s.push_mel(mel)
+    ours = s.teacher_forced_logits(gen.full_ids)
+    s.release()
+    theirs = ref.logits(gen.full_ids, mel)[len(gen.prompt_ids) - 1: len(gen.full_ids) - 1]
+    err = rel_err(ours, theirs)
+    assert 1e-6 < err < 3e-3, err
+    got = model.transcribe(audio).token_ids
+    k = next((i for i, (a, b) in enumerate(zip(got, gen.ids)) if a != b), None)
+    assert k is None or gen.margins[k] < 2e-2, (k, got, gen.ids)
+
+
 def _assert_ids_match(ours: list[int], gen) -> None:
     """Equal ids, or equal up to a step whose HF margin is a near-tie (after which both diverge)."""
     if ours == gen.ids:

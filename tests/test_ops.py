@@ -572,6 +572,111 @@ def test_attention_property(gpu, S, case):
     run_attention_stream(gpu, S, **case)
 
 
+# ------------------------------------------------------------------------------------------ rope_qkv + attention
+F16_MAX = 65504.0
+
+
+def read_kv(S, buf, cap, width, kv_f16):
+    """The ring as float64 ``[cap, width]`` (f32 bits, or f16 pairs with kv_f16)."""
+    if kv_f16:
+        return S.get(buf, cap * width // 2, np.uint32).view(np.float16).astype(np.float64).reshape(cap, width)
+    return S.get(buf, cap * width).astype(np.float64).reshape(cap, width)
+
+
+def run_rope_qkv_attention(gpu, S, *, n_heads, n_kv_heads, head_dim, window, chunks, start=0, cap=None,
+                           kv_f16=False, decode=True, ld_extra=0, off=0, o_off=0, theta=1e6, scale=1.0, seed=0):
+    """The graph's attention block on a fused qkv row block: ``rope_qkv`` rotates q in place and appends
+    rotated k and v to the ring (f32 or f16), then ``attention`` (split-K decode kernel for single rows
+    when ``decode``) reads it. Checks q, every written ring slot and every chunk's output against NumPy."""
+    rng = np.random.default_rng(seed)
+    nq, width = n_heads * head_dim, n_kv_heads * head_dim
+    cols = nq + 2 * width
+    ld = cols + ld_extra
+    if cap is None:
+        cap = window + max(chunks) - 1
+    scratch = ops.decode_attention_scratch(gpu, n_heads, head_dim, window) if decode else None
+    keys, values = {}, {}
+    store_tol = (lambda w: 1e-3 * np.abs(w) + 1e-7) if kv_f16 else (lambda w: 2e-6 * (1 + np.abs(w)))
+    try:
+        def step(p0, rows, attend):
+            positions = np.arange(p0, p0 + rows)
+            length = off + (rows - 1) * ld + cols + 3
+            full = (scale * rng.standard_normal(length)).astype(np.float32)
+            X = strided_rows(full, rows, cols, ld, off)
+            S.put(S.b, ops.rope_table(positions, head_dim, theta))
+            S.put(S.x, full)
+            qkv = Mat(S.x, rows, cols, ld, off)
+            ops.rope_qkv(gpu, S.b, qkv, S.w0, S.w1, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                         pos0=p0, cap=cap, kv_f16=kv_f16)
+            what = f"rope_qkv heads={n_heads}/{n_kv_heads} d={head_dim} f16={kv_f16} pos0={p0} rows={rows}"
+            got = S.get(S.x, length)
+            q_rot = ref.rope(X[:, :nq], positions, n_heads, head_dim, theta)
+            q_tol = (2e-6 + 1e-15 * int(positions[-1])) * (1 + np.abs(q_rot) + np.abs(X[:, :nq]).max())
+            assert_close(strided_rows(got, rows, nq, ld, off), q_rot, q_tol, what + " q")
+            k_want = ref.rope(X[:, nq:nq + width], positions, n_kv_heads, head_dim, theta)
+            v_want = X[:, nq + width:].astype(np.float64)
+            if kv_f16:  # stores clamp to the finite f16 range
+                k_want, v_want = np.clip(k_want, -F16_MAX, F16_MAX), np.clip(v_want, -F16_MAX, F16_MAX)
+            kc, vc = read_kv(S, S.w0, cap, width, kv_f16), read_kv(S, S.w1, cap, width, kv_f16)
+            slots = positions % cap
+            k_tol = store_tol(k_want) + (1e-15 * int(positions[-1])) * (1 + np.abs(k_want))
+            assert_close(kc[slots], k_want, k_tol, what + " k ring")
+            assert_close(vc[slots], v_want, store_tol(v_want), what + " v ring")
+            if kv_f16:
+                assert np.array_equal(vc[slots], v_want.astype(np.float16).astype(np.float64)), what + " v rounding"
+            for r, p in enumerate(positions):
+                keys[int(p)], values[int(p)] = kc[slots[r]], vc[slots[r]]
+            if not attend:
+                return
+            o_len = o_off + rows * nq + 2
+            ofull = rng.standard_normal(o_len).astype(np.float32)
+            S.put(S.y, ofull)
+            ops.attention(gpu, qkv.cols_(0, nq), S.w0, S.w1, Mat(S.y, rows, nq, nq, o_off), n_heads=n_heads,
+                          n_kv_heads=n_kv_heads, head_dim=head_dim, pos0=p0, window=window, cap=cap,
+                          scratch=scratch, kv_f16=kv_f16)
+            out = S.get(S.y, o_len)
+            Q = strided_rows(got, rows, nq, ld, off)  # the rotated q the kernel read
+            want = ref.attention(Q, keys, values, range(p0, p0 + rows), n_heads, n_kv_heads, head_dim, window)
+            assert_close(strided_rows(out, rows, nq, nq, o_off), want, 2e-5 * (1 + np.abs(want)), what + " attention")
+            assert_untouched(out, ofull, strided_mask(o_len, rows, nq, nq, o_off), what)
+
+        first = max(0, start - window + 1)
+        for p in range(first, start, cap):
+            step(p, min(cap, start - p), attend=False)
+        pos = start
+        for rows in chunks:
+            step(pos, rows, attend=True)
+            pos += rows
+    finally:
+        if scratch is not None:
+            gpu.release(scratch)
+
+
+@pytest.mark.parametrize("kv_f16", [False, True], ids=["f32", "f16"])
+@pytest.mark.parametrize("groups,head_dim", [(1, 16), (2, 64), (4, 128), (8, 32), (3, 256), (2, 12)])
+def test_rope_qkv_attention_ring(gpu, S, kv_f16, groups, head_dim):
+    """Prefill chunks and single decode rows (split-K kernel) over a small wrapping ring, strided qkv."""
+    run_rope_qkv_attention(gpu, S, n_heads=2 * groups, n_kv_heads=2, head_dim=head_dim, window=6,
+                           chunks=[5, 1, 7, 1, 1, 3, 1], kv_f16=kv_f16, ld_extra=3, off=5, o_off=2,
+                           seed=groups * head_dim + kv_f16)
+
+
+@pytest.mark.parametrize("kv_f16", [False, True], ids=["f32", "f16"])
+@pytest.mark.parametrize("start,window", [(0, 300), (600, 700), (2**31 + 3, 513), (10**12 + 1, 257)])
+def test_decode_attention_long_context(gpu, S, kv_f16, start, window):
+    """Single-row steps over several 256-key chunks (split-K merge), incl. huge positions."""
+    run_rope_qkv_attention(gpu, S, n_heads=8, n_kv_heads=2, head_dim=64, window=window, chunks=[1, 1, 40, 1],
+                           start=start, kv_f16=kv_f16, seed=start % 1009 + window)
+
+
+def test_rope_qkv_f16_clamps_to_finite(gpu, S):
+    """Values past the f16 range are stored as +-65504, never inf (WGSL packing of them is indeterminate)."""
+    run_rope_qkv_attention(gpu, S, n_heads=2, n_kv_heads=1, head_dim=16, window=4, chunks=[3, 1], kv_f16=True,
+                           scale=3e5, decode=False, seed=7)
+    kc = read_kv(S, S.w0, 6, 16, True)
+    assert np.isfinite(kc[:4]).all() and (np.abs(kc[:4]) == F16_MAX).any()
+
+
 # ------------------------------------------------------------------------------------------ swiglu
 def check_swiglu(gpu, n, seed, abuf, bbuf):
     rng = np.random.default_rng(seed)

@@ -15,7 +15,7 @@ from . import audio as audio_mod
 from .config import ModelConfig
 from .gpu import Gpu
 from .model import Model as _GraphModel
-from .model import MEL_FRAMES_PER_POSITION, OFFLINE_CHUNK_POSITIONS, Session
+from .model import KV_CACHE_TYPES, MEL_FRAMES_PER_POSITION, Session
 from .stream import Stream, TextDelta, timed_text, transcribe_stream  # [stream]
 from .tokenizer import Tekken
 from .weights import load_safetensors
@@ -69,7 +69,7 @@ class Model(_GraphModel):
         mel = log_mel(padded)  # [P/160, 128]
         n_positions = len(padded) // audio_mod.SAMPLES_PER_TOKEN
         t_mel = time.perf_counter()
-        session = Session(self, n_delay, chunk_positions=OFFLINE_CHUNK_POSITIONS)
+        session = Session(self, n_delay, chunk_positions=self.offline_chunk_positions)
         session.stop_on_eos = stop_on_eos
         session.close(n_positions)
         if progress is None:
@@ -79,7 +79,7 @@ class Model(_GraphModel):
             from tqdm import tqdm
 
             bar = tqdm(total=n_positions, unit="pos", desc="transcribing", file=sys.stderr, leave=False)
-        chunk = MEL_FRAMES_PER_POSITION * OFFLINE_CHUNK_POSITIONS  # encoder and decoder interleave chunk by chunk
+        chunk = MEL_FRAMES_PER_POSITION * self.offline_chunk_positions  # encoder and decoder interleave chunk by chunk
         try:
             for i in range(0, len(mel), chunk):
                 session.push_mel(mel[i:i + chunk])
@@ -149,7 +149,7 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
 
 def load(path: str | os.PathLike | None = None, *, transcription_delay_ms: int | None = None,
          tokenizer: str | os.PathLike | None = None, gpu: Gpu | None = None, progress: bool | None = None,
-         embeddings: str | None = None) -> Model:
+         embeddings: str | None = None, kv_cache: str | None = None) -> Model:
     """Load a Voxtral Mini 4B Realtime checkpoint onto the GPU.
 
     ``path``: a Mistral-native directory (params.json, consolidated.safetensors in BF16,
@@ -157,9 +157,13 @@ def load(path: str | os.PathLike | None = None, *, transcription_delay_ms: int |
     ``mistralai/Voxtral-Mini-4B-Realtime-2602``). ``transcription_delay_ms``: the default delay of
     this model's transcriptions (None: tekken.json's, 480 ms). ``tokenizer``: tekken.json when it
     does not sit beside the weights. ``embeddings`` (GGUF only): "gpu" gathers input embeddings on
-    the GPU (default), "cpu" dequantises the rows with the C extension as the browser build does."""
+    the GPU (default), "cpu" dequantises the rows with the C extension as the browser build does.
+    ``kv_cache``: "f32" or "f16" storage of the attention caches (default: f32 for BF16 weights,
+    which keeps float32 parity with the reference; f16 for GGUF models, halving session memory)."""
     if transcription_delay_ms is not None:
         audio_mod.delay_ms_to_tokens(transcription_delay_ms)  # validate before reading gigabytes
+    if kv_cache is not None and kv_cache not in KV_CACHE_TYPES:
+        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_TYPES)}, not {kv_cache!r}")
     root = resolve_model_path(path)
     if gpu is None:
         gpu = Gpu()
@@ -169,6 +173,9 @@ def load(path: str | os.PathLike | None = None, *, transcription_delay_ms: int |
         weights, tok_path = load_gguf(gpu, root, tokenizer=tokenizer, progress=progress, embeddings=embeddings)
         tok = Tekken.from_file(tok_path)
     else:
+        if embeddings not in (None, "gpu"):
+            raise ValueError(f"embeddings={embeddings!r} applies to GGUF models only ({root} is a BF16 checkpoint, "
+                             "whose input embeddings are always gathered on the GPU)")
         tok_path = Path(tokenizer) if tokenizer is not None else root / "tekken.json"
         cfg = ModelConfig.from_file(root / "params.json")
         tok = Tekken.from_file(tok_path)  # fail on a missing tokenizer before reading gigabytes
@@ -179,7 +186,7 @@ def load(path: str | os.PathLike | None = None, *, transcription_delay_ms: int |
     if tok.vocab_size != weights.cfg.decoder.vocab_size:
         raise ValueError(f"{tok_path}: vocabulary of {tok.vocab_size} ids, but the model has "
                          f"{weights.cfg.decoder.vocab_size} embedding rows")
-    return Model(gpu, weights, tok, transcription_delay_ms=transcription_delay_ms)
+    return Model(gpu, weights, tok, transcription_delay_ms=transcription_delay_ms, kv_cache=kv_cache)
 
 
 class _Bar:

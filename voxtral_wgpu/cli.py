@@ -8,13 +8,26 @@ import sys
 from pathlib import Path
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options every command that loads a model shares (see :func:`load_model`)."""
     p.add_argument("--model", "-m", default=None,
                    help="model directory (params.json, consolidated.safetensors, tekken.json), a .gguf file, "
                         "or a Hugging Face repo id in the local cache (default: mistralai/Voxtral-Mini-4B-Realtime-2602)")
     p.add_argument("--tokenizer", default=None, help="tekken.json, when it is not beside the weights")
     p.add_argument("--transcription-delay-ms", type=int, default=None,
                    help="delay between audio and text: 80..2400 in steps of 80 (default: the model's, 480)")
+    p.add_argument("--embeddings", choices=("gpu", "cpu"), default=None,
+                   help="GGUF models: input embeddings gathered on the GPU (default) or dequantised on the CPU "
+                        "(the browser build's way; same result)")
+    p.add_argument("--kv-cache", choices=("f32", "f16"), default=None,
+                   help="attention cache storage (default: f32 for BF16 weights, f16 for GGUF models)")
+
+
+def load_model(args):
+    import voxtral_wgpu
+
+    return voxtral_wgpu.load(args.model, transcription_delay_ms=args.transcription_delay_ms,
+                             tokenizer=args.tokenizer, embeddings=args.embeddings, kv_cache=args.kv_cache)
 
 
 def _output_formats() -> list[str]:
@@ -27,10 +40,7 @@ def _output_formats() -> list[str]:
 
 
 def cmd_transcribe(args) -> int:
-    import voxtral_wgpu
-
-    model = voxtral_wgpu.load(args.model, transcription_delay_ms=args.transcription_delay_ms,
-                              tokenizer=args.tokenizer)
+    model = load_model(args)
     status = 0
     for audio in args.audio:
         try:
@@ -75,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("transcribe", help="transcribe audio files")
     p.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, mp3, ...)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--output-format", "-f", default="txt", choices=_output_formats())
     p.add_argument("--output-dir", "-o", default=None, help="write one file per input here instead of stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -53,19 +53,15 @@ def add_stream_commands(subparsers) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None,
-                   help="model directory, .gguf file, or Hugging Face repo id in the local cache")
-    p.add_argument("--tokenizer", default=None, help="tekken.json, if not beside the weights")
-    p.add_argument("--transcription-delay-ms", type=int, default=None,
-                   help="80..2400 in steps of 80 (default: the model's, 480)")
+    from .cli import add_model_args
+
+    add_model_args(p)
 
 
 def _load(args):
-    from .api import load
+    from .cli import load_model
 
-    if args.transcription_delay_ms is not None:
-        audio_mod.delay_ms_to_tokens(args.transcription_delay_ms)  # fail before loading gigabytes
-    return load(args.model, tokenizer=args.tokenizer, transcription_delay_ms=args.transcription_delay_ms)
+    return load_model(args)  # load() validates the delay before reading gigabytes
 
 
 # ------------------------------------------------------------------------------------------------

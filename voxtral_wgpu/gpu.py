@@ -128,7 +128,8 @@ class Gpu:
         self._pending_buffers: set[int] = set()
         self._last_pipeline = None
         self._offset_cell = _ffi.new("uint32_t[1]") if _ffi is not None else None
-        self.bytes_allocated = 0  # every storage buffer this Gpu created (for memory reports)
+        self.bytes_allocated = 0  # bytes of the storage buffers this Gpu holds now (for memory reports)
+        self.bytes_peak = 0  # the most bytes_allocated has been (reset with reset_peak())
         self.dispatch_count = 0
 
     # ------------------------------------------------------------------ buffers
@@ -138,7 +139,24 @@ class Gpu:
             raise GpuError(f"buffer {label!r} of {nbytes} bytes exceeds this device's max-buffer-size {self.max_buffer}")
         buf = self.device.create_buffer(size=nbytes, usage=STORAGE, label=label)
         self.bytes_allocated += nbytes
+        self.bytes_peak = max(self.bytes_peak, self.bytes_allocated)
         return buf
+
+    def release(self, *buffers: wgpu.GPUBuffer) -> None:
+        """Free buffers made by :meth:`empty`/:meth:`upload` now (work recorded with them is submitted
+        first; their cached bind groups are dropped, or they would keep the memory alive)."""
+        if not buffers:
+            return
+        self.flush()
+        self.forget(*buffers)
+        self.bytes_allocated -= sum(b.size for b in buffers)
+        for b in buffers:
+            b.destroy()
+
+    def reset_peak(self) -> int:
+        """Start a new peak-memory measurement; returns the previous peak."""
+        peak, self.bytes_peak = self.bytes_peak, self.bytes_allocated
+        return peak
 
     def upload(self, array: np.ndarray, label: str = "") -> wgpu.GPUBuffer:
         data = np.ascontiguousarray(array)

@@ -29,6 +29,7 @@ MAX_CHUNK_POSITIONS = 32  # default positions per encoder batch (128 encoder row
 OFFLINE_CHUNK_POSITIONS = 128  # whole files: bigger encoder batches keep the GPU busy (512 rows)
 TOKEN_RING = 4096  # token-id ring on the GPU (prompt + generated), read back every READBACK_STEPS
 READBACK_STEPS = 16
+KV_CACHE_TYPES = ("f32", "f16")
 
 
 def time_embedding(t: float, dim: int, theta: float = 10000.0) -> np.ndarray:
@@ -55,7 +56,8 @@ def ada_scales(weights: Weights, n_delay: int) -> list[np.ndarray]:
 class Model:
     """A loaded model on one GPU: weights, shared kernels and per-delay constants."""
 
-    def __init__(self, gpu: Gpu, weights: Weights, tokenizer, *, transcription_delay_ms: int | None = None):
+    def __init__(self, gpu: Gpu, weights: Weights, tokenizer, *, transcription_delay_ms: int | None = None,
+                 kv_cache: str | None = None):
         self.gpu = gpu
         self.weights = weights
         self.cfg: ModelConfig = weights.cfg
@@ -65,6 +67,17 @@ class Model:
         self.n_left_pad = int(tokenizer.audio.streaming_n_left_pad_tokens)
         self._ffn_norms: dict[int, list] = {}
         self.argmax = ops.Argmax(gpu, self.cfg.decoder.vocab_size)
+        # KV caches (encoder and decoder): f32 keeps BF16 models at float32 parity with the reference;
+        # f16 halves the largest session buffers (and attention's reads) and is the default for
+        # quantised models, whose weights already carry more error than f16 storage adds. Lean
+        # sessions also encode files in smaller batches: the encoder ring holds window + batch - 1 rows.
+        if kv_cache is None:
+            kv_cache = "f16" if weights.quantized else "f32"
+        if kv_cache not in KV_CACHE_TYPES:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_TYPES)}, not {kv_cache!r}")
+        self.kv_cache = kv_cache
+        self.kv_f16 = kv_cache == "f16"
+        self.offline_chunk_positions = MAX_CHUNK_POSITIONS if self.kv_f16 else OFFLINE_CHUNK_POSITIONS
 
     def ffn_norms(self, n_delay: int) -> list:
         """Decoder FFN norm weights with the delay's ada scale folded in (``g * (1 + s)``), on the GPU."""
@@ -97,7 +110,7 @@ class _EncoderState:
     out: object  # f32 [S, 1280]  after the final norm = [S/4, 5120] adapter input
     a1: object  # f32 [S/4, 3072]  adapter hidden
     rope: object  # f32 [S, head_dim/2, 2]
-    k_cache: list  # per layer f32 [cap, n_kv_heads*head_dim]
+    k_cache: list  # per layer [cap, n_kv_heads*head_dim], f32 or f16 (Model.kv_cache)
     v_cache: list
     cap: int
 
@@ -117,7 +130,7 @@ class _DecoderState:
     audio: object  # f32 [acap, 3072] audio-embedding ring
     acap: int
     tokens: object  # u32 [TOKEN_RING] token id at decoder position p in slot p % TOKEN_RING
-    k_cache: list  # per layer f32 [cap, 1024]
+    k_cache: list  # per layer [cap, 1024], f32 or f16 (Model.kv_cache)
     v_cache: list
     cap: int
     max_cap: int
@@ -140,6 +153,8 @@ class Session:
         self.n_delay = n_delay
         self.prompt_ids = model.prompt(n_delay)
         self.ffn_norms = model.ffn_norms(n_delay)
+        self.kv_f16 = model.kv_f16
+        self.kv_bytes = 2 if self.kv_f16 else 4  # per cached element
         e, d = self.cfg.encoder, self.cfg.decoder
         if e.downsample_factor != ENC_FRAMES_PER_POSITION:
             raise ValueError(f"downsample_factor {e.downsample_factor} unsupported: the 12.5 Hz decoder clock "
@@ -163,7 +178,7 @@ class Session:
     def _encoder_state(self) -> _EncoderState:
         g, e = self.gpu, self.cfg.encoder
         S = ENC_FRAMES_PER_POSITION * self.chunk_positions
-        f = 4
+        f, fkv = 4, self.kv_bytes
         eq, ekv = e.n_heads * e.head_dim, e.n_kv_heads * e.head_dim
         cap = e.sliding_window + S - 1  # every key a chunk's queries can see survives the chunk's writes
         return _EncoderState(
@@ -176,15 +191,15 @@ class Session:
             out=g.empty(f * S * e.dim, "enc.out"),
             a1=g.empty(f * self.chunk_positions * self.cfg.decoder.dim, "adapter.a1"),
             rope=g.empty(f * S * e.head_dim, "enc.rope"),
-            k_cache=[g.empty(f * cap * ekv, f"enc.k_cache{i}") for i in range(e.n_layers)],
-            v_cache=[g.empty(f * cap * ekv, f"enc.v_cache{i}") for i in range(e.n_layers)],
+            k_cache=[g.empty(fkv * cap * ekv, f"enc.k_cache{i}") for i in range(e.n_layers)],
+            v_cache=[g.empty(fkv * cap * ekv, f"enc.v_cache{i}") for i in range(e.n_layers)],
             cap=cap,
         )
 
     def _decoder_state(self) -> _DecoderState:
         g, d = self.gpu, self.cfg.decoder
         R = len(self.prompt_ids)
-        f = 4
+        f, fkv = 4, self.kv_bytes
         dq, dkv = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
         acap = self.chunk_positions + R + 1
         max_cap = d.sliding_window + R - 1  # the prefill's R rows are written before they attend
@@ -200,8 +215,8 @@ class Session:
             z=g.empty(f * d.dim, "dec.z"), logits=g.empty(f * d.vocab_size, "dec.logits"),
             rope=g.empty(f * R * d.head_dim, "dec.rope"),
             audio=g.empty(f * acap * d.dim, "dec.audio"), acap=acap, tokens=tokens,
-            k_cache=[g.empty(f * cap * dkv, f"dec.k_cache{i}") for i in range(d.n_layers)],
-            v_cache=[g.empty(f * cap * dkv, f"dec.v_cache{i}") for i in range(d.n_layers)],
+            k_cache=[g.empty(fkv * cap * dkv, f"dec.k_cache{i}") for i in range(d.n_layers)],
+            v_cache=[g.empty(fkv * cap * dkv, f"dec.v_cache{i}") for i in range(d.n_layers)],
             cap=cap, max_cap=max_cap,
         )
 
@@ -217,14 +232,10 @@ class Session:
         old = st.k_cache + st.v_cache
         for caches in (st.k_cache, st.v_cache):
             for i, buf in enumerate(caches):
-                new = self.gpu.empty(4 * new_cap * dkv, buf.label)
-                self.gpu.copy(buf, 0, new, 0, 4 * st.cap * dkv)  # no wrap yet: slot == position
+                new = self.gpu.empty(self.kv_bytes * new_cap * dkv, buf.label)
+                self.gpu.copy(buf, 0, new, 0, self.kv_bytes * st.cap * dkv)  # no wrap yet: slot == position
                 caches[i] = new
-        self.gpu.flush()
-        self.gpu.forget(*old)
-        self.gpu.bytes_allocated -= sum(b.size for b in old)
-        for b in old:
-            b.destroy()
+        self.gpu.release(*old)
         st.cap = new_cap
 
     def release(self) -> None:
@@ -234,13 +245,9 @@ class Session:
             return
         self._released = True
         self.done = True
-        self.gpu.flush()
         fields = [v for st in (self.enc, self.dec) for v in vars(st).values()]
-        bufs = [b for v in fields for b in (v if isinstance(v, list) else [v]) if isinstance(b, wgpu.GPUBuffer)]
-        self.gpu.forget(*bufs)
-        self.gpu.bytes_allocated -= sum(b.size for b in bufs)
-        for b in bufs:
-            b.destroy()
+        self.gpu.release(*[b for v in fields for b in (v if isinstance(v, list) else [v])
+                           if isinstance(b, wgpu.GPUBuffer)])
 
     # ------------------------------------------------------------------ input
     def push_mel(self, frames: np.ndarray) -> None:
@@ -299,9 +306,10 @@ class Session:
             ops.qkv_proj(g, h, layer.wq, layer.wk, layer.wv, qkv, norm=layer.attention_norm, eps=e.norm_eps,
                          scratch=xb, batch_invariant=True)
             ops.rope_qkv(g, st.rope, qkv, st.k_cache[i], st.v_cache[i], n_heads=e.n_heads, n_kv_heads=e.n_kv_heads,
-                         head_dim=e.head_dim, pos0=p0, cap=st.cap)
+                         head_dim=e.head_dim, pos0=p0, cap=st.cap, kv_f16=self.kv_f16)
             ops.attention(g, qkv.cols_(0, eq), st.k_cache[i], st.v_cache[i], att, n_heads=e.n_heads,
-                          n_kv_heads=e.n_kv_heads, head_dim=e.head_dim, pos0=p0, window=e.sliding_window, cap=st.cap)
+                          n_kv_heads=e.n_kv_heads, head_dim=e.head_dim, pos0=p0, window=e.sliding_window, cap=st.cap,
+                          kv_f16=self.kv_f16)
             ops.linear(g, att, layer.wo, h, accumulate=True, batch_invariant=True)
             ops.swiglu_ffn_in(g, h, layer.w1, layer.w3, f1, norm=layer.ffn_norm, eps=e.norm_eps, scratch=xb, tmp=f3,
                               batch_invariant=True)
@@ -347,10 +355,10 @@ class Session:
         for i, layer in enumerate(w.dec_layers):
             ops.qkv_proj(g, x, layer.wq, layer.wk, layer.wv, qkv, norm=layer.attention_norm, eps=d.norm_eps, scratch=xb)
             ops.rope_qkv(g, st.rope, qkv, st.k_cache[i], st.v_cache[i], n_heads=d.n_heads, n_kv_heads=d.n_kv_heads,
-                         head_dim=d.head_dim, pos0=p0, cap=st.cap)
+                         head_dim=d.head_dim, pos0=p0, cap=st.cap, kv_f16=self.kv_f16)
             ops.attention(g, qkv.cols_(0, dq), st.k_cache[i], st.v_cache[i], att, n_heads=d.n_heads,
                           n_kv_heads=d.n_kv_heads, head_dim=d.head_dim, pos0=p0, window=d.sliding_window, cap=st.cap,
-                          scratch=st.part)
+                          scratch=st.part, kv_f16=self.kv_f16)
             ops.linear(g, att, layer.wo, x, accumulate=True)
             # the FFN norm weight carries the delay's ada scale (spec §5.1)
             ops.swiglu_ffn_in(g, x, layer.w1, layer.w3, f1, norm=self.ffn_norms[i], eps=d.norm_eps, scratch=xb, tmp=f3)

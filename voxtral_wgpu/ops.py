@@ -211,11 +211,11 @@ def qkv_proj(gpu: Gpu, x: Mat, wq, wk, wv, qkv: Mat, *, norm, eps: float, scratc
 
 
 def rope_qkv(gpu: Gpu, table, qkv: Mat, k_cache, v_cache, *, n_heads: int, n_kv_heads: int, head_dim: int,
-             pos0: int, cap: int) -> None:
+             pos0: int, cap: int, kv_f16: bool = False) -> None:
     """Rotate the q and k heads of ``qkv [rows, (n_heads + 2 n_kv) * head_dim]`` (table ``[rows, hd/2, 2]``),
-    keep q in place, and append rotated k and v at ring slots ``(pos0 + r) % cap``."""
-    assert qkv.cols == (n_heads + 2 * n_kv_heads) * head_dim
-    k = gpu.kernel("rope_qkv", "rope_qkv")
+    keep q in place, and append rotated k and v at ring slots ``(pos0 + r) % cap`` (as f16 with ``kv_f16``)."""
+    assert qkv.cols == (n_heads + 2 * n_kv_heads) * head_dim and head_dim % 2 == 0
+    k = gpu.kernel("rope_qkv", "rope_qkv", KV_F16=kv_f16)
     n = qkv.rows * (n_heads + n_kv_heads) * (head_dim // 2)
     gpu.dispatch(k, pack_params(qkv.rows, n_heads, n_kv_heads, head_dim, qkv.ld, qkv.off, pos0 % cap, cap),
                  [table, qkv.buf, k_cache, v_cache], _flat_groups(n))
@@ -255,10 +255,11 @@ def decode_attention_scratch(gpu: Gpu, n_heads: int, head_dim: int, max_keys: in
 
 
 def attention(gpu: Gpu, q: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_kv_heads: int, head_dim: int,
-              pos0: int, window: int, cap: int, scratch=None) -> None:
+              pos0: int, window: int, cap: int, scratch=None, kv_f16: bool = False) -> None:
     """Causal sliding-window attention of ``q [rows, n_heads*head_dim]`` (positions pos0..) over the
-    ring cache; writes ``out [rows, n_heads*head_dim]``. A single row with ``scratch`` (see
-    ``decode_attention_scratch``) takes the split-K decode kernel."""
+    ring cache (f32, or f16 pairs with ``kv_f16``, as ``rope_qkv`` wrote it); writes
+    ``out [rows, n_heads*head_dim]``. A single row with ``scratch`` (see ``decode_attention_scratch``)
+    takes the split-K decode kernel."""
     assert head_dim <= 256 and n_heads % n_kv_heads == 0
     assert pos0 + q.rows <= cap or cap >= window + q.rows - 1, "KV ring too small for this many rows"
     # pos0 enters the shaders as u32: past 2^30 shift it down by a multiple of cap (slots are
@@ -272,10 +273,10 @@ def attention(gpu: Gpu, q: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_k
         params = pack_params(n_heads, n_kv_heads, head_dim, pos, window, cap, n_chunks, q.off, out.off,
                              float(head_dim) ** -0.5)
         bufs = [q.buf, k_cache, v_cache, scratch, out.buf]
-        gpu.dispatch(gpu.kernel("attention_decode", "partial"), params, bufs, (n_chunks, n_kv_heads))
-        gpu.dispatch(gpu.kernel("attention_decode", "merge"), params, bufs, (n_heads, 1))
+        gpu.dispatch(gpu.kernel("attention_decode", "partial", KV_F16=kv_f16), params, bufs, (n_chunks, n_kv_heads))
+        gpu.dispatch(gpu.kernel("attention_decode", "merge", KV_F16=kv_f16), params, bufs, (n_heads, 1))
         return
-    k = gpu.kernel("attention", "attention")
+    k = gpu.kernel("attention", "attention", KV_F16=kv_f16)
     params = pack_params(q.rows, n_heads, n_kv_heads, head_dim, pos, window, cap, q.ld, q.off,
                          out.ld, out.off, float(head_dim) ** -0.5)
     gpu.dispatch(k, params, [q.buf, k_cache, v_cache, out.buf], groups_2d(q.rows * n_heads))

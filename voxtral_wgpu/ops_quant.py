@@ -296,9 +296,7 @@ def embed(gpu: Gpu, tokens, tok_off: int, audio, apos0: int, acap: int, table: Q
         scratch = table._scratch.get("rows")
         if scratch is None or scratch.size < rows.nbytes:
             if scratch is not None:
-                gpu.forget(scratch)
-                gpu.bytes_allocated -= scratch.size
-                scratch.destroy()
+                gpu.release(scratch)
             scratch = table._scratch["rows"] = gpu.empty(max(rows.nbytes, 4 * table.k * 64), "tok_embeddings.cpu_rows")
         gpu.write(scratch, rows)
         kern = gpu.kernel("embed_quant", "add_rows", Q8=q8)

@@ -236,6 +236,11 @@ class Weights:
     source: str = ""
     extra: dict = field(default_factory=dict)
 
+    @property
+    def quantized(self) -> bool:
+        """True for a GGUF-quantised model (Q4_0 / Q8_0 linear weights)."""
+        return getattr(self.tok_embeddings, "dtype", "") in ("q4_0", "q8_0")
+
 
 class Uploader:
     """Turns raw tensors into GPU objects, recording sizes."""

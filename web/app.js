@@ -5,7 +5,7 @@ import { Gpu } from "./gpu.js";
 import { GgufFile, fetchShards } from "./gguf.js";
 import { logMel, MelStream } from "./mel.js";
 import { Model, Session, loadWeights, configFromGguf, padding, delayMsToTokens, MEL_FRAMES_PER_POSITION,
-  OFFLINE_CHUNK_POSITIONS, SAMPLES_PER_TOKEN, N_MELS } from "./model.js";
+  SAMPLES_PER_TOKEN, N_MELS } from "./model.js";
 import { Tekken } from "./tokenizer.js";
 
 const $ = (id) => document.getElementById(id);
@@ -52,10 +52,10 @@ async function transcribeFile(file) {
   const padded = new Float32Array(l + samples.length + r); padded.set(samples, l);
   const t0 = performance.now();
   const mel = logMel(padded);
-  const s = new Session(model, nDelay, { chunkPositions: OFFLINE_CHUNK_POSITIONS });
+  const s = new Session(model, nDelay, { chunkPositions: model.offlineChunkPositions });
   s.close(padded.length / SAMPLES_PER_TOKEN);
   const dec = tok.stream(); $("text").textContent = "";
-  const chunk = MEL_FRAMES_PER_POSITION * OFFLINE_CHUNK_POSITIONS * N_MELS;
+  const chunk = MEL_FRAMES_PER_POSITION * model.offlineChunkPositions * N_MELS;
   for (let i = 0; i <= mel.length && !s.done; i += chunk) {
     s.pushMel(mel.subarray(i, i + chunk));
     for (const id of await s.decode()) $("text").textContent += dec.push(id);

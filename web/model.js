@@ -186,7 +186,7 @@ export function padding(nSamples, nDelay, nLeftPadTokens = 32) {
 }
 
 export class Model {
-  constructor(gpu, weights, tokenizer, { transcriptionDelayMs = null } = {}) {
+  constructor(gpu, weights, tokenizer, { transcriptionDelayMs = null, kvCache = null } = {}) {
     this.gpu = gpu;
     this.weights = weights;
     this.cfg = weights.cfg;
@@ -195,6 +195,13 @@ export class Model {
     this.nLeftPad = tokenizer.audio.streaming_n_left_pad_tokens ?? 32;
     this._ffnNorms = new Map();
     this.argmax = new ops.Argmax(gpu, this.cfg.decoder.vocab_size);
+    // KV caches as in model.py: f16 for quantised models (half the session memory), f32 for BF16;
+    // lean (f16) sessions also encode files in smaller batches (the encoder ring is window + batch - 1 rows)
+    const quantized = ["q4_0", "q8_0"].includes(weights.tokEmbeddings?.dtype);
+    this.kvCache = kvCache ?? (quantized ? "f16" : "f32");
+    if (!["f32", "f16"].includes(this.kvCache)) throw new Error(`kvCache must be f32 or f16, not ${kvCache}`);
+    this.kvF16 = this.kvCache === "f16";
+    this.offlineChunkPositions = this.kvF16 ? MAX_CHUNK_POSITIONS : OFFLINE_CHUNK_POSITIONS;
   }
   ffnNorms(nDelay) {
     if (!this._ffnNorms.has(nDelay)) {
@@ -222,6 +229,8 @@ export class Session {
     this.nDelay = nDelay;
     this.promptIds = model.prompt(nDelay);
     this.ffnNorms = model.ffnNorms(nDelay);
+    this.kvF16 = model.kvF16;
+    this.kvBytes = this.kvF16 ? 2 : 4;  // per cached element
     if (this.cfg.encoder.downsample_factor !== ENC_FRAMES_PER_POSITION) throw new Error("downsample_factor unsupported");
     this.enc = this._encoderState();
     this.dec = this._decoderState();
@@ -239,7 +248,7 @@ export class Session {
   }
 
   _encoderState() {
-    const g = this.gpu, e = this.cfg.encoder, f = 4;
+    const g = this.gpu, e = this.cfg.encoder, f = 4, fkv = this.kvBytes;
     const S = ENC_FRAMES_PER_POSITION * this.chunkPositions;
     const eq = e.n_heads * e.head_dim, ekv = e.n_kv_heads * e.head_dim;
     const cap = e.sliding_window + S - 1;
@@ -252,14 +261,14 @@ export class Session {
       out: g.empty(f * S * e.dim, "enc.out"),
       a1: g.empty(f * this.chunkPositions * this.cfg.decoder.dim, "adapter.a1"),
       rope: g.empty(f * S * e.head_dim, "enc.rope"),
-      kCache: Array.from({ length: e.n_layers }, (_, i) => g.empty(f * cap * ekv, `enc.k_cache${i}`)),
-      vCache: Array.from({ length: e.n_layers }, (_, i) => g.empty(f * cap * ekv, `enc.v_cache${i}`)),
+      kCache: Array.from({ length: e.n_layers }, (_, i) => g.empty(fkv * cap * ekv, `enc.k_cache${i}`)),
+      vCache: Array.from({ length: e.n_layers }, (_, i) => g.empty(fkv * cap * ekv, `enc.v_cache${i}`)),
       cap,
     };
   }
 
   _decoderState() {
-    const g = this.gpu, d = this.cfg.decoder, f = 4;
+    const g = this.gpu, d = this.cfg.decoder, f = 4, fkv = this.kvBytes;
     const R = this.promptIds.length;
     const dq = d.n_heads * d.head_dim, dkv = d.n_kv_heads * d.head_dim;
     const acap = this.chunkPositions + R + 1;
@@ -276,8 +285,8 @@ export class Session {
       z: g.empty(f * d.dim, "dec.z"), logits: g.empty(f * d.vocab_size, "dec.logits"),
       rope: g.empty(f * R * d.head_dim, "dec.rope"),
       audio: g.empty(f * acap * d.dim, "dec.audio"), acap, tokens,
-      kCache: Array.from({ length: d.n_layers }, (_, i) => g.empty(f * cap * dkv, `dec.k_cache${i}`)),
-      vCache: Array.from({ length: d.n_layers }, (_, i) => g.empty(f * cap * dkv, `dec.v_cache${i}`)),
+      kCache: Array.from({ length: d.n_layers }, (_, i) => g.empty(fkv * cap * dkv, `dec.k_cache${i}`)),
+      vCache: Array.from({ length: d.n_layers }, (_, i) => g.empty(fkv * cap * dkv, `dec.v_cache${i}`)),
       cap, maxCap,
     };
   }
@@ -291,8 +300,8 @@ export class Session {
     const old = [...st.kCache, ...st.vCache];
     for (const caches of [st.kCache, st.vCache]) {
       caches.forEach((buf, i) => {
-        const nb = this.gpu.empty(4 * newCap * dkv, buf.label);
-        this.gpu.copy(buf, 0, nb, 0, 4 * st.cap * dkv);
+        const nb = this.gpu.empty(this.kvBytes * newCap * dkv, buf.label);
+        this.gpu.copy(buf, 0, nb, 0, this.kvBytes * st.cap * dkv);
         caches[i] = nb;
       });
     }
@@ -355,8 +364,8 @@ export class Session {
     const att = Mat.of(st.att, S, eq), f1 = Mat.of(st.f1, S, e.hidden_dim), f3 = Mat.of(st.f3, S, e.hidden_dim);
     w.encLayers.forEach((layer, i) => {
       ops.qkvProj(g, h, layer.wq, layer.wk, layer.wv, qkv, { norm: layer.attention_norm, eps: e.norm_eps, scratch: xb, batchInvariant: true });
-      ops.ropeQkv(g, st.rope, qkv, st.kCache[i], st.vCache[i], { nHeads: e.n_heads, nKvHeads: e.n_kv_heads, headDim: e.head_dim, pos0: p0, cap: st.cap });
-      ops.attention(g, qkv.cols_(0, eq), st.kCache[i], st.vCache[i], att, { nHeads: e.n_heads, nKvHeads: e.n_kv_heads, headDim: e.head_dim, pos0: p0, window: e.sliding_window, cap: st.cap });
+      ops.ropeQkv(g, st.rope, qkv, st.kCache[i], st.vCache[i], { nHeads: e.n_heads, nKvHeads: e.n_kv_heads, headDim: e.head_dim, pos0: p0, cap: st.cap, kvF16: this.kvF16 });
+      ops.attention(g, qkv.cols_(0, eq), st.kCache[i], st.vCache[i], att, { nHeads: e.n_heads, nKvHeads: e.n_kv_heads, headDim: e.head_dim, pos0: p0, window: e.sliding_window, cap: st.cap, kvF16: this.kvF16 });
       ops.linear(g, att, layer.wo, h, { accumulate: true, batchInvariant: true });
       ops.swigluFfnIn(g, h, layer.w1, layer.w3, f1, { norm: layer.ffn_norm, eps: e.norm_eps, scratch: xb, tmp: f3, batchInvariant: true });
       ops.linear(g, f1, layer.w2, h, { accumulate: true, batchInvariant: true });
@@ -387,8 +396,8 @@ export class Session {
     const att = Mat.of(st.att, rows, dq), f1 = Mat.of(st.f1, rows, d.hidden_dim), f3 = Mat.of(st.f3, rows, d.hidden_dim);
     w.decLayers.forEach((layer, i) => {
       ops.qkvProj(g, x, layer.wq, layer.wk, layer.wv, qkv, { norm: layer.attention_norm, eps: d.norm_eps, scratch: xb });
-      ops.ropeQkv(g, st.rope, qkv, st.kCache[i], st.vCache[i], { nHeads: d.n_heads, nKvHeads: d.n_kv_heads, headDim: d.head_dim, pos0: p0, cap: st.cap });
-      ops.attention(g, qkv.cols_(0, dq), st.kCache[i], st.vCache[i], att, { nHeads: d.n_heads, nKvHeads: d.n_kv_heads, headDim: d.head_dim, pos0: p0, window: d.sliding_window, cap: st.cap, scratch: st.part });
+      ops.ropeQkv(g, st.rope, qkv, st.kCache[i], st.vCache[i], { nHeads: d.n_heads, nKvHeads: d.n_kv_heads, headDim: d.head_dim, pos0: p0, cap: st.cap, kvF16: this.kvF16 });
+      ops.attention(g, qkv.cols_(0, dq), st.kCache[i], st.vCache[i], att, { nHeads: d.n_heads, nKvHeads: d.n_kv_heads, headDim: d.head_dim, pos0: p0, window: d.sliding_window, cap: st.cap, scratch: st.part, kvF16: this.kvF16 });
       ops.linear(g, att, layer.wo, x, { accumulate: true });
       ops.swigluFfnIn(g, x, layer.w1, layer.w3, f1, { norm: this.ffnNorms[i], eps: d.norm_eps, scratch: xb, tmp: f3 });
       ops.linear(g, f1, layer.w2, x, { accumulate: true });

@@ -137,8 +137,8 @@ export function qkvProj(gpu, x, wq, wk, wv, qkv, { norm, eps, scratch, batchInva
   linear(gpu, scratch, wv, qkv.cols_(nq + nkv, nkv), { batchInvariant });
 }
 
-export function ropeQkv(gpu, table, qkv, kCache, vCache, { nHeads, nKvHeads, headDim, pos0, cap }) {
-  const k = gpu.kernel("rope_qkv", "rope_qkv");
+export function ropeQkv(gpu, table, qkv, kCache, vCache, { nHeads, nKvHeads, headDim, pos0, cap, kvF16 = false }) {
+  const k = gpu.kernel("rope_qkv", "rope_qkv", { KV_F16: kvF16 });
   const n = qkv.rows * (nHeads + nKvHeads) * (headDim / 2);
   gpu.dispatch(k, packParams(qkv.rows, nHeads, nKvHeads, headDim, qkv.ld, qkv.off, pos0 % cap, cap),
     [table, qkv.buf, kCache, vCache], flatGroups(n));
@@ -155,7 +155,7 @@ export function decodeAttentionScratch(gpu, nHeads, headDim, maxKeys) {
   return gpu.empty(4 * nHeads * cdiv(maxKeys, DECODE_CHUNK) * (headDim + 2), "attention.part");
 }
 
-export function attention(gpu, q, kCache, vCache, out, { nHeads, nKvHeads, headDim, pos0, window, cap, scratch = null }) {
+export function attention(gpu, q, kCache, vCache, out, { nHeads, nKvHeads, headDim, pos0, window, cap, scratch = null, kvF16 = false }) {
   const base = pos0 >= 2 ** 30 ? Math.floor((pos0 - window) / cap) * cap : 0;
   const pos = pos0 - base;
   const scale = f(headDim ** -0.5);
@@ -164,11 +164,11 @@ export function attention(gpu, q, kCache, vCache, out, { nHeads, nKvHeads, headD
     const nChunks = cdiv(nKeys, DECODE_CHUNK);
     const params = packParams(nHeads, nKvHeads, headDim, pos, window, cap, nChunks, q.off, out.off, scale);
     const bufs = [q.buf, kCache, vCache, scratch, out.buf];
-    gpu.dispatch(gpu.kernel("attention_decode", "partial"), params, bufs, [nChunks, nKvHeads]);
-    gpu.dispatch(gpu.kernel("attention_decode", "merge"), params, bufs, [nHeads, 1]);
+    gpu.dispatch(gpu.kernel("attention_decode", "partial", { KV_F16: kvF16 }), params, bufs, [nChunks, nKvHeads]);
+    gpu.dispatch(gpu.kernel("attention_decode", "merge", { KV_F16: kvF16 }), params, bufs, [nHeads, 1]);
     return;
   }
-  const k = gpu.kernel("attention", "attention");
+  const k = gpu.kernel("attention", "attention", { KV_F16: kvF16 });
   const params = packParams(q.rows, nHeads, nKvHeads, headDim, pos, window, cap, q.ld, q.off, out.ld, out.off, scale);
   gpu.dispatch(k, params, [q.buf, kCache, vCache, out.buf], groups2d(q.rows * nHeads));
 }

@@ -2,7 +2,7 @@
 // offline exactly like api.transcribe, and POSTs {ids, mel...} to /result for the Python side to check.
 import { Gpu } from "../gpu.js";
 import { GgufFile, fetchShards } from "../gguf.js";
-import { Model, Session, loadWeights, configFromGguf, padding, delayMsToTokens, MEL_FRAMES_PER_POSITION, OFFLINE_CHUNK_POSITIONS, SAMPLES_PER_TOKEN, N_MELS } from "../model.js";
+import { Model, Session, loadWeights, configFromGguf, padding, delayMsToTokens, MEL_FRAMES_PER_POSITION, SAMPLES_PER_TOKEN, N_MELS } from "../model.js";
 import { Tekken } from "../tokenizer.js";
 
 const log = (s) => { document.getElementById("log").textContent += s + "\n"; };
@@ -32,9 +32,9 @@ try {
   if (q.get("return_mel")) out.mel = Array.from(mel);
   const nPositions = padded.length / SAMPLES_PER_TOKEN;
   const t1 = performance.now();
-  const s = new Session(model, nDelay, { chunkPositions: OFFLINE_CHUNK_POSITIONS });
+  const s = new Session(model, nDelay, { chunkPositions: model.offlineChunkPositions });
   s.close(nPositions);
-  const chunk = MEL_FRAMES_PER_POSITION * OFFLINE_CHUNK_POSITIONS * N_MELS;
+  const chunk = MEL_FRAMES_PER_POSITION * model.offlineChunkPositions * N_MELS;
   for (let i = 0; i < mel.length; i += chunk) {
     s.pushMel(mel.subarray(i, i + chunk));
     await s.decode();
