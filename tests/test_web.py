@@ -32,3 +32,17 @@ def test_page_ids_and_mel_equal_python(tmp_path):
     assert float(np.abs(js - mel).max()) <= 1e-4
     assert r["ids"] == exp["ids"] and len(exp["ids"]) > 0
     print(json.dumps({k: r[k] for k in ("adapter", "load_s", "decode_s", "steps")}))
+
+
+def test_page_streaming_ids_equal_python(tmp_path):
+    """The microphone path minus the worklet: MelStream (bounded memory) + a streaming Session fed
+    uneven chunks give the same ids as Python's offline transcription."""
+    sys.path.insert(0, str(ROOT / "web" / "test"))
+    from make_fixture import build
+    from run_browser import run_page
+
+    exp = build(tmp_path)
+    r = run_page(tmp_path, "test/test.html?stream=1", timeout=150)
+    assert r["errors"] == []
+    assert r["ids"] == exp["ids"] and len(exp["ids"]) > 0
+    assert 0 < r["kept_samples"] <= 2000  # the stream kept only a window of samples, not the whole signal

@@ -50,67 +50,57 @@ function reflect(i, n) {
 
 /** Float32Array of n samples (16 kHz) -> Float32Array [floor(n / 160), 128] row-major. */
 export function logMel(x) {
-  const n = x.length, nFrames = Math.floor(n / HOP);
-  const T = tables();
-  const out = new Float32Array(nFrames * N_MEL);
-  const y = new Float64Array(N_FFT), pw = new Float64Array(N_BINS);
-  for (let t = 0; t < nFrames; t++) {
-    const start = t * HOP - PAD;
-    for (let j = 0; j < N_FFT; j++) y[j] = T.window[j] * x[reflect(start + j, n)];
-    for (let k = 0; k < N_BINS; k++) {
-      let re = 0, im = 0, idx = 0;
-      for (let j = 0; j < N_FFT; j++) {
-        re += y[j] * T.cos[idx];
-        im -= y[j] * T.sin[idx];
-        idx += k; if (idx >= N_FFT) idx -= N_FFT;
-      }
-      pw[k] = re * re + im * im;
-    }
-    for (let m = 0; m < N_MEL; m++) {
-      const [k0, w] = T.fb[m];
-      let acc = 0;
-      for (let k = 0; k < w.length; k++) acc += w[k] * pw[k0 + k];
-      let v = 1.5 - 8.0;
-      if (acc >= 3.162e-7) { v = Math.log10(acc); if (v < 1.5 - 8.0) v = 1.5 - 8.0; }
-      out[t * N_MEL + m] = (v + 4) / 4;
-    }
-  }
-  return out;
+  return logMelRange(x, 0, Math.floor(x.length / HOP), 0, x.length);
 }
 
 /** Streaming front end: feed() any number of samples, get the frames whose windows are complete
- *  (the right reflection is only known at finish(): frames near the end wait for it). This simple
- *  version recomputes from the kept samples; the model needs ~100 frames/s. */
+ *  (the right reflection is only known at finish(): frames near the end wait for it). Output equals
+ *  logMel() of the whole signal frame for frame. Only the samples later frames can still read are
+ *  kept, so memory and the per-feed cost stay bounded however long the stream runs. */
 export class MelStream {
-  constructor() { this.samples = new Float32Array(0); this.emitted = 0; }
+  constructor() {
+    this.kept = new Float32Array(0); // samples base .. total-1
+    this.base = 0;
+    this.total = 0;
+    this.emitted = 0;
+  }
   feed(x) {
-    const s = new Float32Array(this.samples.length + x.length);
-    s.set(this.samples); s.set(x, this.samples.length);
-    this.samples = s;
+    const s = new Float32Array(this.kept.length + x.length);
+    s.set(this.kept); s.set(x, this.kept.length);
+    this.kept = s;
+    this.total += x.length;
     return this._emit(false);
   }
   finish() { return this._emit(true); }
   _emit(final) {
-    const n = this.samples.length;
-    // frame t needs samples up to t*160 - 200 + 399; without the end known, only frames whose window lies inside
+    const n = this.total;
+    // frame t reads samples t*160 - 200 .. t*160 + 199 (reflected at the ends); before the end is
+    // known only frames whose window lies inside the samples so far are final
     let ready = final ? Math.floor(n / HOP) : Math.max(0, Math.floor((n - N_FFT + PAD) / HOP) + 1);
     ready = Math.min(ready, Math.floor(n / HOP));
     if (ready <= this.emitted) return new Float32Array(0);
-    const all = logMelRange(this.samples, this.emitted, ready);
+    const out = logMelRange(this.kept, this.emitted, ready, this.base, n);
     this.emitted = ready;
-    return all;
+    // later frames start at >= emitted*160 - 200; reflections at the end stay within the last 400
+    // samples; a window of margin keeps short signals (multiple reflections) whole
+    const keepFrom = Math.max(0, this.emitted * HOP - PAD - N_FFT);
+    if (keepFrom > this.base) {
+      this.kept = this.kept.slice(keepFrom - this.base);
+      this.base = keepFrom;
+    }
+    return out;
   }
 }
 
-function logMelRange(x, t0, t1) {
-  // frames t0..t1-1 of logMel(x) (frames inside the signal do not depend on its end)
-  const n = x.length;
+/** Frames t0..t1-1 of logMel() of a signal of n samples, of which x holds samples base.. (frames
+ *  inside the signal do not depend on its end). */
+function logMelRange(x, t0, t1, base, n) {
   const T = tables();
   const out = new Float32Array((t1 - t0) * N_MEL);
   const y = new Float64Array(N_FFT), pw = new Float64Array(N_BINS);
   for (let t = t0; t < t1; t++) {
     const start = t * HOP - PAD;
-    for (let j = 0; j < N_FFT; j++) y[j] = T.window[j] * x[reflect(start + j, n)];
+    for (let j = 0; j < N_FFT; j++) y[j] = T.window[j] * x[reflect(start + j, n) - base];
     for (let k = 0; k < N_BINS; k++) {
       let re = 0, im = 0, idx = 0;
       for (let j = 0; j < N_FFT; j++) { re += y[j] * T.cos[idx]; im -= y[j] * T.sin[idx]; idx += k; if (idx >= N_FFT) idx -= N_FFT; }

@@ -4,6 +4,7 @@ import { Gpu } from "../gpu.js";
 import { GgufFile, fetchShards } from "../gguf.js";
 import { Model, Session, loadWeights, configFromGguf, padding, delayMsToTokens, MEL_FRAMES_PER_POSITION, SAMPLES_PER_TOKEN, N_MELS } from "../model.js";
 import { Tekken } from "../tokenizer.js";
+import { MelStream } from "../mel.js";
 
 const log = (s) => { document.getElementById("log").textContent += s + "\n"; };
 const q = new URLSearchParams(location.search);
@@ -32,13 +33,31 @@ try {
   if (q.get("return_mel")) out.mel = Array.from(mel);
   const nPositions = padded.length / SAMPLES_PER_TOKEN;
   const t1 = performance.now();
-  const s = new Session(model, nDelay, { chunkPositions: model.offlineChunkPositions });
-  s.close(nPositions);
-  const chunk = MEL_FRAMES_PER_POSITION * model.offlineChunkPositions * N_MELS;
-  for (let i = 0; i < mel.length; i += chunk) {
-    s.pushMel(mel.subarray(i, i + chunk));
+  let s;
+  if (q.get("stream")) {
+    // the microphone path without the worklet: MelStream + a streaming session fed in uneven chunks
+    s = new Session(model, nDelay);
+    const melS = new MelStream();
+    let i = 0, k = 0;
+    while (i < padded.length) {
+      const n = Math.min(padded.length - i, [1280, 777, 3001, 160, 4093][k++ % 5]);
+      s.pushMel(melS.feed(padded.subarray(i, i + n)));
+      await s.decode();
+      i += n;
+    }
+    s.pushMel(melS.finish());
+    s.close(nPositions);
     await s.decode();
-    if (s.done) break;
+    out.kept_samples = melS.kept.length;
+  } else {
+    s = new Session(model, nDelay, { chunkPositions: model.offlineChunkPositions });
+    s.close(nPositions);
+    const chunk = MEL_FRAMES_PER_POSITION * model.offlineChunkPositions * N_MELS;
+    for (let i = 0; i < mel.length; i += chunk) {
+      s.pushMel(mel.subarray(i, i + chunk));
+      await s.decode();
+      if (s.done) break;
+    }
   }
   await s.decode();
   out.ids = s.generated;
