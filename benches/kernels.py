@@ -1,8 +1,10 @@
-"""Per-kernel timings at the real decoder shapes: ``python benches/kernels.py [--rows 4 8 16]``.
+"""Per-kernel timings at the real decoder shapes: ``python benches/kernels.py [--rows 4 8 16] [--quant q4_0]``.
 
 Each op is recorded ``--reps`` times into one submission and timed between two syncs, so a figure
 includes the barrier between dependent dispatches (what the decode loop pays). Bandwidth counts
-the weight bytes each call must read once.
+the weight bytes each call must read once: BF16 words, or for Q4_0/Q8_0 (the same decoder matrices
+in ops_quant's repacked blocks, made on the GPU like the bench's synthetic GGUF weights) the quant
+bytes plus the f16 block scales (18 / 34 bytes per 32 weights).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import time
 
 import numpy as np
 
-from voxtral_wgpu import ops
+from voxtral_wgpu import ops, ops_quant
+from voxtral_wgpu.bench import synthetic_quant
 from voxtral_wgpu.gpu import Gpu
 from voxtral_wgpu.ops import Mat
 from voxtral_wgpu.weights import Uploader
@@ -32,6 +35,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[8])
     ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--quant", nargs="*", default=list(ops_quant.QTYPES), choices=ops_quant.QTYPES,
+                    help="quantised weight types to time on the decoder matrices (none: BF16 only)")
     a = ap.parse_args()
     gpu = Gpu()
     print("adapter:", gpu.description)
@@ -68,6 +73,34 @@ def main():
         for name, nbytes, fn in cases:
             dt = timed(gpu, fn, a.reps)
             res.append((rows, name, dt * 1e6, nbytes / dt / 1e9))
+    # the same decode calls on quantised weights (ops.* hands them to ops_quant's matvec kernels, as
+    # in the graph); one input row, so --rows (the BF16 matvec's output rows per workgroup) is moot
+    for qt in a.quant:
+        def qweight(n, k, qt=qt):
+            return synthetic_quant(gpu, n, k, qt, f"{qt}.w{n}x{k}", std=k ** -0.5)
+
+        def qbytes(*ws, qt=qt):  # quants + f16 scales each call reads
+            return sum(w.n * w.k // ops_quant.QK * (ops_quant.QUANT_BYTES[qt] + 2) for w in ws)
+
+        qq, qk, qv, qo = qweight(Q, D), qweight(KV, D), qweight(KV, D), qweight(D, Q)
+        q1, q3, q2 = qweight(H, D), qweight(H, D), qweight(D, H)
+        qemb = qweight(V, D)
+        gpu.sync()
+        assert ops_quant.matvec_ok(x, qq), "the decode kernels should take these calls"
+        cases = [
+            (f"{qt} qkv (norm) 6144x3072", qbytes(qq, qk, qv),
+             lambda: ops.qkv_proj(gpu, x, qq, qk, qv, qkv, norm=g, eps=1e-5, scratch=scratch)),
+            (f"{qt} wo 3072x4096 (+res)", qbytes(qo), lambda: ops.linear(gpu, xq, qo, y.cols_(0, D), accumulate=True)),
+            (f"{qt} w1|w3 swiglu (norm) 2x9216x3072", qbytes(q1, q3),
+             lambda: ops.swiglu_ffn_in(gpu, x, q1, q3, f1, norm=g, eps=1e-5, scratch=scratch, tmp=f3)),
+            (f"{qt} w2 3072x9216 (+res)", qbytes(q2), lambda: ops.linear(gpu, xh, q2, y.cols_(0, D), accumulate=True)),
+            (f"{qt} lm head 131072x3072 (norm)", qbytes(qemb),
+             lambda: ops.linear(gpu, x, qemb, y, norm=g, eps=1e-5, scratch=scratch)),
+        ]
+        for name, nbytes, fn in cases:
+            dt = timed(gpu, fn, a.reps)
+            res.append(("-", name, dt * 1e6, nbytes / dt / 1e9))
+        gpu.release(*[b for w in (qq, qk, qv, qo, q1, q3, q2, qemb) for b, _, _ in w.chunks])
     # attention at several context lengths (one decode row, 32 heads, GQA 8)
     kc, vc = gpu.empty(4 * 8192 * KV), gpu.empty(4 * 8192 * KV)
     part = ops.decode_attention_scratch(gpu, 32, 128, 8192)
@@ -96,9 +129,9 @@ def main():
                                                    pos0=1000, window=750, cap=2047)
         dt = timed(gpu, fn, max(a.reps // 4, 5))
         res.append((S, "enc attention window 750", dt * 1e6, 4 * S * 32 * 750 * 64 / dt / 1e9))
-    print(f"{'rows':>4}  {'kernel':<34} {'us':>9} {'GB/s|GF/s':>8}")
+    print(f"{'rows':>4}  {'kernel':<38} {'us':>9} {'GB/s|GF/s':>8}")
     for rows, name, us, gbs in res:
-        print(f"{rows!s:>4}  {name:<34} {us:9.1f} {gbs:8.0f}")
+        print(f"{rows!s:>4}  {name:<38} {us:9.1f} {gbs:8.0f}")
 
 
 if __name__ == "__main__":

@@ -191,3 +191,29 @@ def test_bad_audio_is_rejected(tiny_model, tmp_path):
         model.transcribe(str(tmp_path / "missing.flac"))
     with pytest.raises(ValueError, match="multiple of 80"):
         model.transcribe(np.zeros(100, np.float32), transcription_delay_ms=500)
+
+
+def test_close_before_decoding_sizes_decoder_ring_once(tiny_model, gpu):
+    """Offline sessions learn their length first: the decoder ring is allocated at its final size
+    (never doubled, so the old and new rings are never held together) and ids are unchanged."""
+    model, ref = tiny_model(TINY_FULL, 480)
+    audio = synth_audio(2.0, seed=9)
+    mel = ref.mel(ref.pad(audio))
+    n_positions = len(mel) // MEL_FRAMES_PER_POSITION
+    runs = {}
+    for sized in (False, True):
+        s = Session(model, ref.n_delay)
+        s.stop_on_eos = False
+        s.push_mel(mel)
+        total = 700 if sized else None  # a long session's length, known up front
+        if sized:
+            s.close(total)
+            assert s.dec.cap == 700 and s.dec.k_cache[0].size >= s.kv_bytes * 700 * TINY_FULL.dec_kv_heads * TINY_FULL.dec_head_dim
+        before = gpu.bytes_allocated
+        ids = s.decode()
+        runs[sized] = (ids, s.dec.cap)
+        assert gpu.bytes_allocated == before or not sized  # sized up front: nothing allocated while decoding
+        s.release()
+    assert runs[True][0] == runs[False][0] and len(runs[True][0]) > 0
+    assert runs[True][1] == 700 and runs[False][1] == 256  # the unsized one kept its initial ring
+    assert n_positions < 256

@@ -1,13 +1,17 @@
 """``python -m voxtral_wgpu.bench``: speed and memory of the full-size model on this machine's GPU.
 
 With no ``--weights`` it builds synthetic full-size weights (the real shapes, 4.43 B parameters,
-pseudo-random values generated on the GPU by ``shaders/fill.wgsl``), so it needs no download.
-Random weights emit random tokens, so EOS is ignored and every position is decoded.
+pseudo-random values generated on the GPU by ``shaders/fill.wgsl``), so it needs no download:
+``--dtype bf16`` (default) as the published checkpoint, or ``--dtype q4_0`` / ``q8_0`` laid out as a
+GGUF from ``voxtral-wgpu quantize`` loads (every linear matrix and the token table / LM head in
+repacked quantised blocks; conv weights, biases and norms F32). Random weights emit random tokens,
+so EOS is ignored and every position is decoded.
 
 Reports: adapter/backend, load time, encoder ms per second of audio, prefill ms, decoder ms per
 step (median, p90 with a sync after each step; and pipelined throughput), tokens/s, offline
-real-time factor per audio length, GPU memory (bytes of buffers created), host RSS.
-``--compare-hf`` runs HF transformers (bf16, CUDA) on the same shapes and audio lengths.
+real-time factor and peak GPU memory (bytes of buffers held) per audio length, GPU memory held at
+the end, host RSS. ``--compare-hf`` runs HF transformers (bf16, CUDA) on the same shapes and audio
+lengths.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ import numpy as np
 
 from .config import ModelConfig
 from .gpu import Gpu, groups_2d, pack_params
+from .ops_quant import QK, QTYPES, QuantWeight, chunk_layout, dequantize_blocks, rows_per_chunk
 from .weights import DecoderLayer, EncoderLayer, Uploader, Weights
+
+DTYPES = ("bf16",) + QTYPES
+F16_MIN_NORMAL, F16_MAX = 2.0 ** -14, 65504.0
+SCALE_JITTER = 0.25  # fill.wgsl mode 2: block scales vary by +-25% around the chosen magnitude
 
 
 def rss_bytes() -> int:
@@ -55,36 +64,105 @@ def synthetic_tokenizer(vocab_size: int, num_special: int = 1000):
 
 
 class _Filler:
-    """Fills GPU buffers with pseudo-random values (see shaders/fill.wgsl)."""
+    """Fills GPU buffers with pseudo-random values (see shaders/fill.wgsl for the modes)."""
+
+    BF16, F32, F16_SCALES, BITS = 0, 1, 2, 3
 
     def __init__(self, gpu: Gpu):
         self.gpu = gpu
         self.seed = 1
 
-    def __call__(self, buf, nbytes: int, scale: float, bf16: bool) -> None:
+    def __call__(self, binding, nbytes: int, scale: float, mode: int) -> None:
+        """``binding``: a buffer or a (buffer, offset, size) tuple of at least ``nbytes`` bytes."""
         n_words = nbytes // 4
         self.seed += 1
         k = self.gpu.kernel("fill", "fill")
-        self.gpu.dispatch(k, pack_params(n_words, self.seed, float(scale), 0 if bf16 else 1), [buf],
+        self.gpu.dispatch(k, pack_params(n_words, self.seed, float(scale), mode), [binding],
                           groups_2d(-(-n_words // 256)))
 
 
-def synthetic_weights(gpu: Gpu, cfg: ModelConfig, *, seed: int = 0) -> Weights:
-    """Full-size BF16 weights with random values (std ~ 1/sqrt(fan_in)), generated on the GPU."""
+def _quant_rms(dtype: str) -> float:
+    """RMS of the dequantised weight ``(q - 8) * d`` / ``q * d`` over uniform random quants and the
+    fill's block scales (random sign, magnitude ``d * (1 + u/4)``), in units of ``d``."""
+    q = np.arange(16) - 8 if dtype == "q4_0" else np.arange(-128, 128)
+    return math.sqrt(float(np.mean(q.astype(np.float64) ** 2)) * (1 + SCALE_JITTER ** 2 / 3))
+
+
+def synthetic_quant(gpu: Gpu, n: int, k: int, dtype: str, label: str, *, std: float, bias=None,
+                    fill: _Filler | None = None) -> QuantWeight:
+    """``W [n, k]`` as a Q4_0/Q8_0 QuantWeight in ops_quant's repacked GPU layout, the chunks that
+    ``upload_quant`` makes, filled on the GPU: random quant bytes and f16 block scales chosen so the
+    dequantised weights have standard deviation ~``std``. ``bias``: an uploaded f32 buffer or None."""
+    fill = fill or _Filler(gpu)
+    if dtype not in QTYPES or k % QK or k <= 0 or n <= 0:
+        raise ValueError(f"{label}: cannot make a {dtype} matrix of shape [{n}, {k}]")
+    d = std / _quant_rms(dtype)
+    lo, hi = d * (1 - SCALE_JITTER), d * (1 + SCALE_JITTER)
+    if not (lo >= F16_MIN_NORMAL and hi <= F16_MAX):
+        raise ValueError(f"{label}: block scales {lo:.3g}..{hi:.3g} (std {std:.3g}) leave the normal f16 range")
+    chunks = []
+    step = rows_per_chunk(gpu, dtype, n, k)
+    for r0 in range(0, n, step):
+        nr = min(step, n - r0)
+        qbytes, sc_off, sc_bytes, total = chunk_layout(dtype, nr, k)
+        buf = gpu.empty(total, f"{label}[{r0}:]")
+        fill((buf, 0, qbytes), qbytes, 0.0, _Filler.BITS)
+        fill((buf, sc_off, sc_bytes), sc_bytes, d, _Filler.F16_SCALES)
+        chunks.append((buf, r0, nr))
+    return QuantWeight(n, k, dtype, chunks, bias)
+
+
+def _as_stored(a: np.ndarray, dtype: str) -> np.ndarray:
+    """A host matrix as a GGUF of ``dtype`` holds it and the loader reads it back (dequantised f32)."""
+    if dtype == "bf16" or a.shape[-1] % QK:
+        return a
+    import gguf
+
+    blocks = gguf.quants.quantize(np.ascontiguousarray(a, np.float32), gguf.GGMLQuantizationType[dtype.upper()])
+    return dequantize_blocks(blocks, a.shape[0], a.shape[1], dtype)
+
+
+def synthetic_weights(gpu: Gpu, cfg: ModelConfig, *, dtype: str = "bf16", seed: int = 0) -> Weights:
+    """Full-size weights with random values (std ~ 1/sqrt(fan_in); token table std 0.17/sqrt(3)),
+    generated on the GPU.
+
+    ``dtype="bf16"``: as the published checkpoint loads (BF16 matrices, convs included).
+    ``"q4_0"`` / ``"q8_0"``: as a GGUF from ``voxtral-wgpu quantize`` loads (gguf_loader): every
+    linear matrix whose rows are whole 32-weight blocks, the token table (also the LM head) included,
+    is a QuantWeight; conv weights, biases, norms and any other matrix are F32. The decoder's ada
+    matrices stay on the host as the loader leaves them (dequantised f32)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    quant = dtype in QTYPES
     up = Uploader(gpu)
     fill = _Filler(gpu)
     rng = np.random.default_rng(seed)
 
-    def dense(n, k, label, bias=False, scale=None):
-        w = up.allocate_dense(n, k, "bf16", label)
+    def dense(n, k, label, bias=False, scale=None, conv=False):
+        """``scale``: the half-range of BF16's uniform values; other types get the same std."""
+        scale = scale if scale is not None else math.sqrt(3.0 / k)
+        b = 0.02 * rng.standard_normal(n) if bias else None
+        if quant and not conv and k % QK == 0:
+            w = synthetic_quant(gpu, n, k, dtype, label, std=scale / math.sqrt(3.0),
+                                bias=up.vector(b, label + ".bias") if bias else None, fill=fill)
+            up.nbytes += sum(buf.size for buf, _, _ in w.chunks)
+            return w
+        kind = "f32" if quant else "bf16"  # a GGUF keeps convs (and matrices of odd row length) F32
+        w = up.allocate_dense(n, k, kind, label)
         for buf, _, nrows in w.chunks:
-            fill(buf, nrows * k * 2, scale if scale is not None else math.sqrt(3.0 / k), True)
+            if kind == "bf16":
+                fill(buf, nrows * k * 2, scale, _Filler.BF16)
+            else:
+                fill(buf, nrows * k * 4, scale, _Filler.F32)
         if bias:
-            w.bias = up.vector(0.02 * rng.standard_normal(n), label + ".bias")
+            w.bias = up.vector(b, label + ".bias")
         return w
 
     def norm(n, label):
         return up.vector(1.0 + 0.1 * rng.standard_normal(n), label)
+
+    def host(a):
+        return _as_stored(a.astype(np.float32), dtype)
 
     e, d = cfg.encoder, cfg.decoder
     eq, ekv = e.n_heads * e.head_dim, e.n_kv_heads * e.head_dim
@@ -98,15 +176,25 @@ def synthetic_weights(gpu: Gpu, cfg: ModelConfig, *, seed: int = 0) -> Weights:
                                (1.0 + 0.1 * rng.standard_normal(d.dim)).astype(np.float32),
                                dense(d.hidden_dim, d.dim, "w1"), dense(d.dim, d.hidden_dim, "w2"),
                                dense(d.hidden_dim, d.dim, "w3"),
-                               (rng.standard_normal((d.ada_dim, d.dim)) / math.sqrt(d.dim)).astype(np.float32),
-                               (0.1 * rng.standard_normal((d.dim, d.ada_dim)) / math.sqrt(d.ada_dim)).astype(np.float32))
+                               host(rng.standard_normal((d.ada_dim, d.dim)) / math.sqrt(d.dim)),
+                               host(0.1 * rng.standard_normal((d.dim, d.ada_dim)) / math.sqrt(d.ada_dim)))
                   for _ in range(d.n_layers)]
-    w = Weights(cfg, dense(e.dim, 3 * e.num_mel_bins, "conv0", True), dense(e.dim, 3 * e.dim, "conv1", True),
+    w = Weights(cfg, dense(e.dim, 3 * e.num_mel_bins, "conv0", True, conv=True),
+                dense(e.dim, 3 * e.dim, "conv1", True, conv=True),
                 enc_layers, norm(e.dim, "enc_norm"), dense(d.dim, cfg.adapter_in, "adapter0"),
                 dense(d.dim, d.dim, "adapter2"), dense(d.vocab_size, d.dim, "tok", scale=0.17), dec_layers,
-                norm(d.dim, "norm"), nbytes=up.nbytes, source="synthetic")
+                norm(d.dim, "norm"), nbytes=up.nbytes, source=f"synthetic-{dtype}",
+                extra={"embeddings": "gpu"} if quant else {})
     gpu.sync()
     return w
+
+
+def _size(nbytes: int) -> str:
+    """GiB; MiB or KiB below 0.1 GiB / 0.1 MiB (tiny test models)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale / 10:
+            return f"{nbytes / scale:.2f} {unit}" if unit == "GiB" else f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes / 2**10:.1f} KiB"
 
 
 def _pct(xs, q):
@@ -116,7 +204,7 @@ def _pct(xs, q):
 def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
     """Time the stages of ``model`` (a voxtral_wgpu Model)."""
     from ._native import log_mel
-    from .audio import SAMPLES_PER_TOKEN, padding
+    from .audio import padding
     from .model import MEL_FRAMES_PER_POSITION, OFFLINE_CHUNK_POSITIONS, Session
 
     gpu = model.gpu
@@ -139,9 +227,9 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
     s.release()
     gpu.sync()
 
-    # encoder throughput: 10 s of audio through encoder + adapter only
+    # encoder throughput: 10 s of audio through encoder + adapter only, in transcribe()'s batches
     mel = mel_of(audio_of(10.0))
-    s = Session(model, n_delay, chunk_positions=OFFLINE_CHUNK_POSITIONS)
+    s = Session(model, n_delay, chunk_positions=getattr(model, "offline_chunk_positions", OFFLINE_CHUNK_POSITIONS))
     s.push_mel(mel)
     gpu.sync()
     t = time.perf_counter()
@@ -203,16 +291,20 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
     res["tokens_per_s"] = 1000 / res["step_ms_pipelined"]
     log(f"step (pipelined): {res['step_ms_pipelined']:.2f} ms = {res['tokens_per_s']:.0f} tokens/s")
 
-    # offline real-time factor (whole transcribe, EOS ignored so every position decodes)
+    # offline real-time factor (whole transcribe, EOS ignored so every position decodes) and the
+    # peak of GPU buffers held during it (weights + the session's caches and activations)
     for sec in seconds_list:
         a = audio_of(sec)
         gpu.sync()
+        gpu.reset_peak()
         t = time.perf_counter()
         tr = model.transcribe(a, stop_on_eos=False, progress=False)
         dt = time.perf_counter() - t
         res[f"rtf_{sec:g}s"] = dt / sec
         res[f"steps_{sec:g}s"] = len(tr.token_ids)
-        log(f"offline {sec:g} s: {dt:.2f} s, RTF {dt / sec:.4f}, {len(tr.token_ids)} tokens")
+        res[f"gpu_peak_bytes_{sec:g}s"] = gpu.bytes_peak
+        log(f"offline {sec:g} s: {dt:.2f} s, RTF {dt / sec:.4f}, {len(tr.token_ids)} tokens, "
+            f"peak GPU memory {_size(gpu.bytes_peak)}")
     # scaling with session length: step time at the context a 1, 10 or 60 minute session reaches
     # (positions jumped to directly; the decoder attends to min(position, 8192) cached keys)
     for minutes in (1, 10, 60):
@@ -231,9 +323,9 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
             gpu.sync()
             ts.append(1000 * (time.perf_counter() - t))
         res[f"step_ms_at_{minutes}min"] = _pct(ts, 50)
-        res[f"dec_kv_bytes_at_{minutes}min"] = 2 * len(s.dec.k_cache) * s.dec.cap * 4 * model.cfg.decoder.n_kv_heads * model.cfg.decoder.head_dim
+        res[f"dec_kv_bytes_at_{minutes}min"] = sum(b.size for b in s.dec.k_cache + s.dec.v_cache)
         log(f"step at {minutes} min of context: {res[f'step_ms_at_{minutes}min']:.2f} ms (synced), decoder KV "
-            f"{res[f'dec_kv_bytes_at_{minutes}min'] / 2**20:.0f} MiB")
+            f"{_size(res[f'dec_kv_bytes_at_{minutes}min'])}")
         s.release()
 
     # streaming: 10 s fed in 80 ms chunks as fast as the model takes them; per-token latency is
@@ -248,7 +340,7 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
     res["stream_latency_ms_median"], res["stream_latency_ms_p90"] = _pct(lat, 50), _pct(lat, 90)
     log(f"streaming (80 ms chunks, unpaced): per-token latency median {res['stream_latency_ms_median']:.1f} ms, "
         f"p90 {res['stream_latency_ms_p90']:.1f} ms over {len(lat)} tokens")
-    res["gpu_bytes"] = gpu.bytes_allocated
+    res["gpu_bytes"] = gpu.bytes_allocated  # held at the end: weights, kernels' buffers, the stream's session
     res["host_rss_bytes"] = rss_bytes()
     return res
 
@@ -275,7 +367,7 @@ def compare_hf(seconds_list, log=print) -> dict:
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 11
     fe = VoxtralRealtimeFeatureExtractor()
-    res = {"device": torch.cuda.get_device_name(0)}
+    res = {"device": torch.cuda.get_device_name(0), "dtype": "bf16"}
 
     def run(seconds):
         rng = np.random.default_rng(1)
@@ -287,6 +379,7 @@ def compare_hf(seconds_list, log=print) -> dict:
         ids = torch.tensor([[1] + [32] * 38], device="cuda")
         n_pos = mel.shape[-1] // 8
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         with torch.no_grad():
             out = model.generate(input_ids=ids, input_features=mel, num_delay_tokens=6, do_sample=False,
@@ -294,20 +387,27 @@ def compare_hf(seconds_list, log=print) -> dict:
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         steps = out.shape[1] - 39
-        return dt, steps
+        return dt, steps, torch.cuda.max_memory_allocated()
 
     run(2.0)
     for sec in seconds_list:
-        dt, steps = run(sec)
+        dt, steps, peak = run(sec)
         res[f"rtf_{sec:g}s"] = dt / sec
         res[f"step_ms_{sec:g}s"] = 1000 * dt / max(steps, 1)
-        log(f"HF peer {sec:g} s: {dt:.2f} s, RTF {dt / sec:.3f}, {1000 * dt / max(steps, 1):.1f} ms/step")
+        res[f"gpu_peak_bytes_{sec:g}s"] = peak  # torch's allocated tensors (weights included)
+        log(f"HF peer {sec:g} s: {dt:.2f} s, RTF {dt / sec:.3f}, {1000 * dt / max(steps, 1):.1f} ms/step, "
+            f"peak GPU memory {_size(peak)}")
     return res
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m voxtral_wgpu.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=None, help="real model (directory or .gguf) instead of synthetic weights")
+    ap.add_argument("--kv-cache", choices=("f32", "f16"), default=None,
+                    help="attention cache storage (default: f32 for BF16, f16 for quantised weights)")
+    ap.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="synthetic weights: bf16 (as the published checkpoint, default) or q4_0 / q8_0 "
+                         "(as a GGUF from `voxtral-wgpu quantize`)")
     ap.add_argument("--seconds", type=float, nargs="+", default=[10.0, 60.0], help="audio lengths for offline RTF")
     ap.add_argument("--steps", type=int, default=64, help="decoder steps to time")
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
@@ -315,6 +415,8 @@ def main(argv=None) -> int:
     ap.add_argument("--params", default=None, help="params.json of other dimensions for the synthetic model "
                                                    "(default: the published 4B shapes)")
     args = ap.parse_args(argv)
+    if args.weights and args.dtype:
+        ap.error("--dtype picks the synthetic weights' type; a --weights model has its own")
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
 
     from .api import Model, load
@@ -322,26 +424,34 @@ def main(argv=None) -> int:
     gpu = Gpu()
     t = time.perf_counter()
     if args.weights:
-        model = load(args.weights, gpu=gpu, progress=False)
+        model = load(args.weights, gpu=gpu, progress=False, kv_cache=args.kv_cache)
         kind = "file"
     else:
         cfg = ModelConfig.from_file(args.params) if args.params else ModelConfig()
-        w = synthetic_weights(gpu, cfg)
-        model = Model(gpu, w, synthetic_tokenizer(cfg.decoder.vocab_size))
-        kind = "synthetic-bf16"
+        dtype = args.dtype or "bf16"
+        w = synthetic_weights(gpu, cfg, dtype=dtype)
+        model = Model(gpu, w, synthetic_tokenizer(cfg.decoder.vocab_size), kv_cache=args.kv_cache)
+        kind = f"synthetic-{dtype}"
     gpu.sync()
-    res = {"adapter": gpu.description, "weights": kind, "load_s": time.perf_counter() - t,
+    wdtype = getattr(model.weights.tok_embeddings, "dtype", "?")  # bf16 / q4_0 / q8_0 (f32 for F32 files)
+    res = {"adapter": gpu.description, "weights": kind, "weights_dtype": wdtype,
+           "kv_cache": getattr(model, "kv_cache", "f32"), "load_s": time.perf_counter() - t,
            "weight_bytes": model.weights.nbytes}
-    log(f"adapter: {gpu.description}; weights {kind}, {model.weights.nbytes / 2**30:.2f} GiB, "
-        f"loaded in {res['load_s']:.1f} s")
+    log(f"adapter: {gpu.description}; weights {kind} ({wdtype}), {_size(model.weights.nbytes)}, "
+        f"loaded in {res['load_s']:.1f} s; KV cache {res['kv_cache']}")
     res.update(measure(model, args.seconds, steps=args.steps, log=log))
-    log(f"GPU memory (buffers): {res['gpu_bytes'] / 2**30:.2f} GiB; host RSS {res['host_rss_bytes'] / 2**30:.2f} GiB")
+    peaks = ", ".join(f"{_size(res[f'gpu_peak_bytes_{sec:g}s'])} ({sec:g} s)" for sec in args.seconds)
+    log(f"GPU memory (buffers): {_size(res['gpu_bytes'])} held at the end, peak during offline transcription "
+        f"{peaks}; host RSS {_size(res['host_rss_bytes'])}")
     if args.compare_hf:
         hf = compare_hf(args.seconds, log=log)
         res["hf"] = hf
         for sec in args.seconds:
-            k = f"rtf_{sec:g}s"
-            log(f"speed-up vs HF at {sec:g} s: {hf[k] / res[k]:.1f}x (RTF)")
+            k, m = f"rtf_{sec:g}s", f"gpu_peak_bytes_{sec:g}s"
+            line = f"vs HF (bf16) at {sec:g} s, voxtral_wgpu {wdtype}: speed-up {hf[k] / res[k]:.1f}x (RTF)"
+            if m in hf:
+                line += f", peak GPU memory {res[m] / hf[m]:.2f}x HF's"
+            log(line)
     if args.json:
         print(json.dumps(res))
     return 0

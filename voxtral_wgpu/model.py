@@ -257,6 +257,18 @@ class Session:
     def close(self, total_positions: int) -> None:
         """The input ends at ``total_positions`` positions (all their mel frames pushed)."""
         self.total_positions = total_positions
+        st = self.dec
+        needed = min(st.max_cap, total_positions)
+        if not self.prefilled and needed > st.cap:
+            # nothing is cached yet (offline: close() comes first), so size the decoder ring once
+            # instead of doubling it later, when the old and the new ring would both be held
+            dkv = self.cfg.decoder.n_kv_heads * self.cfg.decoder.head_dim
+            for caches in (st.k_cache, st.v_cache):
+                for i, buf in enumerate(caches):
+                    label = buf.label
+                    self.gpu.release(buf)
+                    caches[i] = self.gpu.empty(self.kv_bytes * needed * dkv, label)
+            st.cap = needed
 
     # ------------------------------------------------------------------ encoder + adapter
     def encode_available(self) -> None:
