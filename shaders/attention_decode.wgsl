@@ -19,7 +19,10 @@
 //   5  out     f32        [n_heads*hd] from o_off
 //
 // Work split: partial: groups (n_chunks, n_kv_heads), 256 invocations = 256 keys when scoring, then
-// 4 heads x 64 invocations striding over hd when accumulating; heads are taken 4 at a time.
+// 4 heads x 64 invocations striding over hd when accumulating; heads are taken 4 at a time. The
+// values are accumulated from tiles of 2048 / hd keys that all 256 invocations first copy from the
+// ring into workgroup memory (independent, coalesced loads; a per-invocation walk over the keys
+// would wait on one dependent load per key). The tile's memory also serves the two reductions.
 // merge: groups (n_heads), 64 invocations striding over hd.
 
 struct Params {
@@ -61,9 +64,21 @@ fn v_at(i: u32) -> f32 {
 
 const CHUNK: u32 = 256u;
 const HB: u32 = 4u;  // query heads per pass
+const TILE: u32 = 2048u;  // f32 elements of the value tile (16 KiB of workgroup memory in all)
 var<workgroup> qs: array<vec4<f32>, 256>;   // [HB][hd/4]
 var<workgroup> prob: array<vec4<f32>, 256>; // [key] -> 4 heads' scores, then probabilities
-var<workgroup> red: array<vec4<f32>, 256>;
+var<workgroup> vt: array<f32, TILE>;        // value tile [keys][hd]; as vec4 [256] for the reductions
+
+fn red_get(i: u32) -> vec4<f32> {
+    return vec4<f32>(vt[4u * i], vt[4u * i + 1u], vt[4u * i + 2u], vt[4u * i + 3u]);
+}
+
+fn red_set(i: u32, v: vec4<f32>) {
+    vt[4u * i] = v.x;
+    vt[4u * i + 1u] = v.y;
+    vt[4u * i + 2u] = v.z;
+    vt[4u * i + 3u] = v.w;
+}
 
 fn first_key() -> u32 {
     if (p.pos + 1u > p.window) {
@@ -108,42 +123,65 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             }
             s = acc * p.scale;
         }
-        red[tid] = s;
+        red_set(tid, s);
         workgroupBarrier();
         for (var st = 128u; st > 0u; st >>= 1u) {
             if (tid < st) {
-                red[tid] = max(red[tid], red[tid + st]);
+                red_set(tid, max(red_get(tid), red_get(tid + st)));
             }
             workgroupBarrier();
         }
-        let m = red[0];
+        let m = red_get(0u);
         workgroupBarrier();
         var pr = vec4<f32>(0.0);
         if (tid < n_keys) {
             pr = exp(s - m);
         }
         prob[tid] = pr;
-        red[tid] = pr;
+        red_set(tid, pr);
         workgroupBarrier();
         for (var st = 128u; st > 0u; st >>= 1u) {
             if (tid < st) {
-                red[tid] += red[tid + st];
+                red_set(tid, red_get(tid) + red_get(tid + st));
             }
             workgroupBarrier();
         }
-        let l = red[0];
-        // accumulate: invocation = (head hh, dims d, d + 64, ...)
+        let l = red_get(0u);
+        // accumulate: invocation = (head hh, dims lane, lane + 64, ...), over value tiles of tk keys
         let hh = tid / 64u;
         let lane = tid % 64u;
+        let tk = TILE / hd;
+        let kv_w = p.n_kv_heads * hd;
+        var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);  // dims lane + 64 * j (hd <= 256)
+        for (var t0 = 0u; t0 < n_keys; t0 += tk) {
+            let nt = min(tk, n_keys - t0);
+            workgroupBarrier();  // the reductions (first tile) or the previous tile are done with vt
+            for (var e = tid; e < nt * hd; e += 256u) {
+                let i = e / hd;
+                vt[e] = v_at(((k0 + t0 + i) % p.cap) * kv_w + kvh * hd + (e - i * hd));
+            }
+            workgroupBarrier();
+            if (hh < nh) {
+                for (var j = 0u; j < 4u; j++) {
+                    let d = lane + 64u * j;
+                    if (d < hd) {
+                        var a = acc[j];
+                        for (var i = 0u; i < nt; i++) {
+                            a += prob[t0 + i][hh] * vt[i * hd + d];
+                        }
+                        acc[j] = a;
+                    }
+                }
+            }
+        }
         if (hh < nh) {
             let h = kvh * group + h0 + hh;
             let pb = (h * p.n_chunks + c) * (hd + 2u);
-            for (var d = lane; d < hd; d += 64u) {
-                var a = 0.0;
-                for (var i = 0u; i < n_keys; i++) {
-                    a += prob[i][hh] * v_at(((k0 + i) % p.cap) * p.n_kv_heads * hd + kvh * hd + d);
+            for (var j = 0u; j < 4u; j++) {
+                let d = lane + 64u * j;
+                if (d < hd) {
+                    part[pb + 2u + d] = acc[j];
                 }
-                part[pb + 2u + d] = a;
             }
             if (lane == 0u) {
                 part[pb] = m[hh];

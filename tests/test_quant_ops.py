@@ -127,9 +127,7 @@ def test_matvec_work_splits(gpu, monkeypatch, dtype, lanes, rpt, unroll):
     wd = oq.dequantize_blocks(q, N, K, dtype).astype(np.float64)
     b = rng.standard_normal(N).astype(np.float32)
     wq = oq.upload_quant(gpu, q, N, K, dtype, "w", bias=gpu.upload(b))
-    monkeypatch.setattr(oq, "MATVEC_LANES", lanes)
-    monkeypatch.setattr(oq, "MATVEC_RPT", rpt)
-    monkeypatch.setattr(oq, "MATVEC_UNROLL", unroll)
+    monkeypatch.setattr(oq, "MATVEC_SPLITS", dict.fromkeys(oq.MATVEC_SPLITS, (lanes, rpt, unroll)))
     for M in range(1, 5):
         x = rng.standard_normal((M, K)).astype(np.float32)
         y0 = rng.standard_normal((M, N)).astype(np.float32)
@@ -240,8 +238,12 @@ def _rms(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", QTYPES)
-def test_fused_norm_swiglu_and_qkv_decode_kernels(gpu, monkeypatch, dtype):
-    """RMSNorm folded into the matvec, SwiGLU (w1, w3) and stacked q/k/v in one dispatch each."""
+@pytest.mark.parametrize("split", [None, (32, 2, 2), (8, 3, 1)], ids=["default", "32x2x2", "8x3x1"])
+def test_fused_norm_swiglu_and_qkv_decode_kernels(gpu, monkeypatch, dtype, split):
+    """RMSNorm folded into the matvec, SwiGLU (w1, w3) and stacked q/k/v in one dispatch each, with the
+    default work splits (MATVEC_SPLITS) and others."""
+    if split is not None:
+        monkeypatch.setattr(oq, "MATVEC_SPLITS", dict.fromkeys(oq.MATVEC_SPLITS, split))
     rng = np.random.default_rng(7)
     K, eps = 96, 1e-5
     g = (1 + 0.2 * rng.standard_normal(K)).astype(np.float32)

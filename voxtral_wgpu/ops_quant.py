@@ -45,11 +45,12 @@ GGML_BLOCK_BYTES = {"q4_0": 18, "q8_0": 34}  # bytes per block in a GGUF file (f
 QK = 32
 SC_ALIGN = 256
 MATVEC_MAX_M = 4  # rows of x handled by the matrix-vector kernel; more go to the tiled kernel
-# matvec work split (overrides MV_LANES / MV_RPT / MV_UNROLL), chosen on an H100 (Vulkan): 32 lanes x 2
-# rows x 2 blocks ahead was fastest over the decoder's matrices; 4 rows, no unroll for the LM head.
-MATVEC_LANES = 32
-MATVEC_RPT = 2
-MATVEC_UNROLL = 2
+# matvec work split per decode kernel: (MV_LANES, MV_RPT, MV_UNROLL) overrides, chosen on an H100
+# (Vulkan): 32 lanes x 2 rows x 2 blocks ahead over the decoder's matrices (the fused SwiGLU kernel has
+# no unroll), 4 rows and no unroll for the 131072-row LM head. A sweep of every split in isolation
+# (2026-11-25) moved individual kernels by up to 2x either way between runs but not the whole step's
+# GPU time, so these stay until the kernels are reworked (benches/RESULTS.md).
+MATVEC_SPLITS = {"matvec": (32, 2, 2), "matvec_qkv": (32, 2, 2), "matvec_swiglu": (32, 2, 1), "lm_head": (32, 4, 1)}
 SMALL_M_MATVEC = 64  # up to this many rows (not batch-invariant): matvec in groups of 4 rows
 LM_HEAD_ROWS = 65536  # matrices with at least this many rows use the LM-head split
 F16_HW = False  # scales decoded by unpack2x16float instead of integer ops (same speed measured)
@@ -194,8 +195,7 @@ def _sc(w: QuantWeight, chunk) -> int:
 
 
 def _matvec_kernel(gpu: Gpu, w: QuantWeight, m: int, entry: str = "matvec"):
-    big = w.n >= LM_HEAD_ROWS  # the LM head: more rows per invocation, no unroll (measured faster)
-    lanes, rpt, unroll = (MATVEC_LANES, 4, 1) if big else (MATVEC_LANES, MATVEC_RPT, MATVEC_UNROLL)
+    lanes, rpt, unroll = MATVEC_SPLITS["lm_head" if w.n >= LM_HEAD_ROWS else entry]
     if entry == "matvec_swiglu":
         unroll = 1  # one block of each matrix at a time (the override is unused there)
     kern = gpu.kernel("linear_quant", entry, Q8=w.dtype == "q8_0", MV_M=m, MV_LANES=lanes, MV_RPT=rpt,

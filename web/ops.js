@@ -227,7 +227,8 @@ export const GGML_BLOCK_BYTES = { q4_0: 18, q8_0: 34 };
 export const QK = 32;
 export const SC_ALIGN = 256;
 export const MATVEC_MAX_M = 4;
-export const MATVEC_LANES = 32, MATVEC_RPT = 2, MATVEC_UNROLL = 2;
+// (MV_LANES, MV_RPT, MV_UNROLL) per decode kernel: ops_quant.MATVEC_SPLITS
+export const MATVEC_SPLITS = { matvec: [32, 2, 2], matvec_qkv: [32, 2, 2], matvec_swiglu: [32, 2, 1], lm_head: [32, 4, 1] };
 export const LM_HEAD_ROWS = 65536;
 export const F16_HW = false;
 export const TILE = 64;
@@ -302,8 +303,7 @@ function quantMatvecOk(x, ws, batchInvariant = false) {
 const sc = (w, chunk) => chunkLayout(w.dtype, chunk[2], w.k)[1] / 16;
 
 function quantMatvecKernel(gpu, w, m, entry = "matvec") {
-  const big = w.n >= LM_HEAD_ROWS;
-  let [lanes, rpt, unroll] = big ? [MATVEC_LANES, 4, 1] : [MATVEC_LANES, MATVEC_RPT, MATVEC_UNROLL];
+  let [lanes, rpt, unroll] = MATVEC_SPLITS[w.n >= LM_HEAD_ROWS ? "lm_head" : entry];
   if (entry === "matvec_swiglu") unroll = 1;
   const kern = gpu.kernel("linear_quant", entry, { Q8: w.dtype === "q8_0", MV_M: m, MV_LANES: lanes, MV_RPT: rpt, MV_UNROLL: unroll, F16_HW });
   return [kern, (256 / lanes) * rpt];
