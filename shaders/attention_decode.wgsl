@@ -7,7 +7,8 @@
 // that scores its keys against all G query heads sharing that kv head (K and V are read once per
 // group, not once per query head) and writes the chunk's (max, sum, unnormalised output);
 // `merge` rescales and sums the chunks per head. A step at context 8192 thus runs 32 x 8
-// workgroups instead of 32 serial ones.
+// workgroups instead of 32 serial ones. With a single chunk (context <= 256) `partial` writes the
+// output itself (merge's exp(0) = 1 rescaling is exact, so the result is the same) and merge is not run.
 //
 // Bindings
 //   0  params  uniform    Params
@@ -180,7 +181,11 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             for (var j = 0u; j < 4u; j++) {
                 let d = lane + 64u * j;
                 if (d < hd) {
-                    part[pb + 2u + d] = acc[j];
+                    if (p.n_chunks == 1u) {
+                        out[p.o_off + h * hd + d] = acc[j] / l[hh];  // what merge would write
+                    } else {
+                        part[pb + 2u + d] = acc[j];
+                    }
                 }
             }
             if (lane == 0u) {

@@ -29,7 +29,7 @@ function matvecOk(x, w) {
   return x.rows <= 4 && w.dtype === "bf16" && w.k % 8 === 0 && x.off % 4 === 0 && x.ld % 4 === 0;
 }
 
-export const MATVEC_ROWS = 8;
+export const MATVEC_ROWS = 4; // ops.MATVEC_ROWS
 export const MATVEC_GROUPED_MAX = 64;
 
 function rowGroups(x, w, batchInvariant) {
@@ -165,7 +165,7 @@ export function attention(gpu, q, kCache, vCache, out, { nHeads, nKvHeads, headD
     const params = packParams(nHeads, nKvHeads, headDim, pos, window, cap, nChunks, q.off, out.off, scale);
     const bufs = [q.buf, kCache, vCache, scratch, out.buf];
     gpu.dispatch(gpu.kernel("attention_decode", "partial", { KV_F16: kvF16 }), params, bufs, [nChunks, nKvHeads]);
-    gpu.dispatch(gpu.kernel("attention_decode", "merge", { KV_F16: kvF16 }), params, bufs, [nHeads, 1]);
+    if (nChunks > 1) gpu.dispatch(gpu.kernel("attention_decode", "merge", { KV_F16: kvF16 }), params, bufs, [nHeads, 1]); // one chunk: partial wrote it
     return;
   }
   const k = gpu.kernel("attention", "attention", { KV_F16: kvF16 });
