@@ -68,7 +68,7 @@ GPU_FIXTURES = {"gpu", "tiny_model"}
 
 def pytest_collection_modifyitems(config, items):
     """Mark every test that runs shaders ``gpu``: CI's second pass (SwiftShader) selects them from
-    the op, model and GGUF test files."""
+    the op and GGUF test files."""
     for item in items:
         if GPU_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.gpu)
