@@ -37,7 +37,7 @@ import numpy as np
 from .config import DecoderConfig, EncoderConfig, ModelConfig
 from .ops_quant import dequantize_blocks, upload_quant
 from .weights import (ADAPTER_NAMES, ALIASES, DECODER_LAYER_NAMES, DECODER_NAMES, ENCODER_LAYER_NAMES,
-                      ENCODER_NAMES, DecoderLayer, EncoderLayer, Uploader, Weights, WeightsError, expected_shapes)
+                      ENCODER_NAMES, Uploader, Weights, WeightsError, assemble_weights, expected_shapes)
 
 GGUF_MAGIC = b"GGUF"
 MAX_DIMS = 4
@@ -601,47 +601,11 @@ def _build(gpu, f: GgufFile, cfg: ModelConfig, resolved: dict, progress, mode: s
         tick(r.nbytes)
         return up.dense(reordered, "F32", label, vec(native_b))
 
-    e_, d_ = cfg.encoder, cfg.decoder
-    conv0 = conv(ENCODER_NAMES["conv0.weight"], ENCODER_NAMES["conv0.bias"], "conv0")
-    conv1 = conv(ENCODER_NAMES["conv1.weight"], ENCODER_NAMES["conv1.bias"], "conv1")
-    enc_layers = []
-    for i in range(e_.n_layers):
-        n = {k: v.format(i=i) for k, v in ENCODER_LAYER_NAMES.items()}
-        enc_layers.append(EncoderLayer(
-            attention_norm=gpu_vec(n["attention_norm"], f"enc{i}.attention_norm"),
-            wq=mat(n["wq"], f"enc{i}.wq", n["wq.bias"]),
-            wk=mat(n["wk"], f"enc{i}.wk"),
-            wv=mat(n["wv"], f"enc{i}.wv", n["wv.bias"]),
-            wo=mat(n["wo"], f"enc{i}.wo", n["wo.bias"]),
-            ffn_norm=gpu_vec(n["ffn_norm"], f"enc{i}.ffn_norm"),
-            w1=mat(n["w1"], f"enc{i}.w1"),
-            w2=mat(n["w2"], f"enc{i}.w2", n["w2.bias"]),
-            w3=mat(n["w3"], f"enc{i}.w3"),
-        ))
-    enc_norm = gpu_vec(ENCODER_NAMES["norm"], "enc.norm")
-    adapter0 = mat(ADAPTER_NAMES["adapter0"], "adapter0")
-    adapter2 = mat(ADAPTER_NAMES["adapter2"], "adapter2")
-    tok = mat(ADAPTER_NAMES["tok_embeddings"], "tok_embeddings", keep_host=(mode == "cpu"))
-    dec_layers = []
-    for i in range(d_.n_layers):
-        n = {k: v.format(i=i) for k, v in DECODER_LAYER_NAMES.items()}
-        dec_layers.append(DecoderLayer(
-            attention_norm=gpu_vec(n["attention_norm"], f"dec{i}.attention_norm"),
-            wq=mat(n["wq"], f"dec{i}.wq"),
-            wk=mat(n["wk"], f"dec{i}.wk"),
-            wv=mat(n["wv"], f"dec{i}.wv"),
-            wo=mat(n["wo"], f"dec{i}.wo"),
-            ffn_norm_host=vec(n["ffn_norm"]),
-            w1=mat(n["w1"], f"dec{i}.w1"),
-            w2=mat(n["w2"], f"dec{i}.w2"),
-            w3=mat(n["w3"], f"dec{i}.w3"),
-            ada_down=vec(n["ada_down"]),
-            ada_up=vec(n["ada_up"]),
-        ))
-    norm = gpu_vec(DECODER_NAMES["norm"], "norm")
+    weights = assemble_weights(
+        cfg, matrix=mat, conv=conv, token_table=lambda name, label: mat(name, label, keep_host=(mode == "cpu")),
+        gpu_vector=gpu_vec, host_vector=vec, nbytes=lambda: up.nbytes, source=f.name)
     _release_staging(gpu)
-    return Weights(cfg, conv0, conv1, enc_layers, enc_norm, adapter0, adapter2, tok, dec_layers, norm,
-                   nbytes=up.nbytes, source=f.name)
+    return weights
 
 
 def _release_staging(gpu) -> None:

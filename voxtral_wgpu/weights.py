@@ -334,7 +334,7 @@ def build_weights(gpu, src, cfg: ModelConfig, source: str, progress=None) -> Wei
         tick()
         return dtype, src.read(resolved[name])
 
-    def vec(name, label):
+    def vec(name):
         dtype, r = raw(name)
         return to_f32(dtype, r)
 
@@ -342,7 +342,7 @@ def build_weights(gpu, src, cfg: ModelConfig, source: str, progress=None) -> Wei
         dtype, r = raw(name)
         if dtype == "F16":
             dtype, r = "F32", r.astype(np.float32)
-        b = vec(bias_name, label) if bias_name else None
+        b = vec(bias_name) if bias_name else None
         return up.dense(r, dtype, label, b)
 
     def conv(name, bias_name, label):
@@ -350,8 +350,19 @@ def build_weights(gpu, src, cfg: ModelConfig, source: str, progress=None) -> Wei
         if dtype == "F16":
             dtype, r = "F32", r.astype(np.float32)
         reordered = np.ascontiguousarray(r.transpose(0, 2, 1)).reshape(r.shape[0], 3 * r.shape[1])
-        return up.dense(reordered, dtype, label, vec(bias_name, label))
+        return up.dense(reordered, dtype, label, vec(bias_name))
 
+    return assemble_weights(cfg, matrix=dense, conv=conv, token_table=dense,
+                            gpu_vector=lambda name, label: up.vector(vec(name), label), host_vector=vec,
+                            nbytes=lambda: up.nbytes, source=source)
+
+
+def assemble_weights(cfg: ModelConfig, *, matrix, conv, token_table, gpu_vector, host_vector, nbytes,
+                     source: str) -> Weights:
+    """The model's tensors in reading order, each made by the loader's own callables (so the
+    safetensors and GGUF loaders share one list): ``matrix(name, label, bias_name=None)``,
+    ``conv(weight_name, bias_name, label)``, ``token_table(name, label)``, ``gpu_vector(name, label)``,
+    ``host_vector(name)``; ``nbytes()`` is read once everything is uploaded."""
     e_, d_ = cfg.encoder, cfg.decoder
     conv0 = conv(ENCODER_NAMES["conv0.weight"], ENCODER_NAMES["conv0.bias"], "conv0")
     conv1 = conv(ENCODER_NAMES["conv1.weight"], ENCODER_NAMES["conv1.bias"], "conv1")
@@ -359,36 +370,36 @@ def build_weights(gpu, src, cfg: ModelConfig, source: str, progress=None) -> Wei
     for i in range(e_.n_layers):
         n = {k: v.format(i=i) for k, v in ENCODER_LAYER_NAMES.items()}
         enc_layers.append(EncoderLayer(
-            attention_norm=up.vector(vec(n["attention_norm"], ""), f"enc{i}.attention_norm"),
-            wq=dense(n["wq"], f"enc{i}.wq", n["wq.bias"]),
-            wk=dense(n["wk"], f"enc{i}.wk"),
-            wv=dense(n["wv"], f"enc{i}.wv", n["wv.bias"]),
-            wo=dense(n["wo"], f"enc{i}.wo", n["wo.bias"]),
-            ffn_norm=up.vector(vec(n["ffn_norm"], ""), f"enc{i}.ffn_norm"),
-            w1=dense(n["w1"], f"enc{i}.w1"),
-            w2=dense(n["w2"], f"enc{i}.w2", n["w2.bias"]),
-            w3=dense(n["w3"], f"enc{i}.w3"),
+            attention_norm=gpu_vector(n["attention_norm"], f"enc{i}.attention_norm"),
+            wq=matrix(n["wq"], f"enc{i}.wq", n["wq.bias"]),
+            wk=matrix(n["wk"], f"enc{i}.wk"),
+            wv=matrix(n["wv"], f"enc{i}.wv", n["wv.bias"]),
+            wo=matrix(n["wo"], f"enc{i}.wo", n["wo.bias"]),
+            ffn_norm=gpu_vector(n["ffn_norm"], f"enc{i}.ffn_norm"),
+            w1=matrix(n["w1"], f"enc{i}.w1"),
+            w2=matrix(n["w2"], f"enc{i}.w2", n["w2.bias"]),
+            w3=matrix(n["w3"], f"enc{i}.w3"),
         ))
-    enc_norm = up.vector(vec(ENCODER_NAMES["norm"], ""), "enc.norm")
-    adapter0 = dense(ADAPTER_NAMES["adapter0"], "adapter0")
-    adapter2 = dense(ADAPTER_NAMES["adapter2"], "adapter2")
-    tok = dense(ADAPTER_NAMES["tok_embeddings"], "tok_embeddings")
+    enc_norm = gpu_vector(ENCODER_NAMES["norm"], "enc.norm")
+    adapter0 = matrix(ADAPTER_NAMES["adapter0"], "adapter0")
+    adapter2 = matrix(ADAPTER_NAMES["adapter2"], "adapter2")
+    tok = token_table(ADAPTER_NAMES["tok_embeddings"], "tok_embeddings")
     dec_layers = []
     for i in range(d_.n_layers):
         n = {k: v.format(i=i) for k, v in DECODER_LAYER_NAMES.items()}
         dec_layers.append(DecoderLayer(
-            attention_norm=up.vector(vec(n["attention_norm"], ""), f"dec{i}.attention_norm"),
-            wq=dense(n["wq"], f"dec{i}.wq"),
-            wk=dense(n["wk"], f"dec{i}.wk"),
-            wv=dense(n["wv"], f"dec{i}.wv"),
-            wo=dense(n["wo"], f"dec{i}.wo"),
-            ffn_norm_host=vec(n["ffn_norm"], ""),
-            w1=dense(n["w1"], f"dec{i}.w1"),
-            w2=dense(n["w2"], f"dec{i}.w2"),
-            w3=dense(n["w3"], f"dec{i}.w3"),
-            ada_down=vec(n["ada_down"], ""),
-            ada_up=vec(n["ada_up"], ""),
+            attention_norm=gpu_vector(n["attention_norm"], f"dec{i}.attention_norm"),
+            wq=matrix(n["wq"], f"dec{i}.wq"),
+            wk=matrix(n["wk"], f"dec{i}.wk"),
+            wv=matrix(n["wv"], f"dec{i}.wv"),
+            wo=matrix(n["wo"], f"dec{i}.wo"),
+            ffn_norm_host=host_vector(n["ffn_norm"]),
+            w1=matrix(n["w1"], f"dec{i}.w1"),
+            w2=matrix(n["w2"], f"dec{i}.w2"),
+            w3=matrix(n["w3"], f"dec{i}.w3"),
+            ada_down=host_vector(n["ada_down"]),
+            ada_up=host_vector(n["ada_up"]),
         ))
-    norm = up.vector(vec(DECODER_NAMES["norm"], ""), "norm")
+    norm = gpu_vector(DECODER_NAMES["norm"], "norm")
     return Weights(cfg, conv0, conv1, enc_layers, enc_norm, adapter0, adapter2, tok, dec_layers, norm,
-                   nbytes=up.nbytes, source=source)
+                   nbytes=nbytes(), source=source)
