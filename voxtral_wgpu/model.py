@@ -222,20 +222,29 @@ class Session:
 
     def _grow_decoder_cache(self, positions_needed: int) -> None:
         """Double the decoder KV ring (up to ``max_cap``) before it would wrap early."""
-        d, st = self.cfg.decoder, self.dec
+        st = self.dec
         if positions_needed <= st.cap or st.cap >= st.max_cap:
             return
         new_cap = st.cap
         while new_cap < positions_needed and new_cap < st.max_cap:
             new_cap = min(2 * new_cap, st.max_cap)
-        dkv = d.n_kv_heads * d.head_dim
+        self._resize_decoder_cache(new_cap, keep=True)
+
+    def _resize_decoder_cache(self, new_cap: int, *, keep: bool) -> None:
+        """Reallocate the decoder KV ring with ``new_cap`` slots; ``keep`` copies the cached positions
+        over (no wrap has happened yet, so slot == position), else the old ring is freed first."""
+        st = self.dec
+        dkv = self.cfg.decoder.n_kv_heads * self.cfg.decoder.head_dim
         old = st.k_cache + st.v_cache
+        if not keep:
+            self.gpu.release(*old)
         for caches in (st.k_cache, st.v_cache):
             for i, buf in enumerate(caches):
-                new = self.gpu.empty(self.kv_bytes * new_cap * dkv, buf.label)
-                self.gpu.copy(buf, 0, new, 0, self.kv_bytes * st.cap * dkv)  # no wrap yet: slot == position
-                caches[i] = new
-        self.gpu.release(*old)
+                caches[i] = self.gpu.empty(self.kv_bytes * new_cap * dkv, buf.label)
+                if keep:
+                    self.gpu.copy(buf, 0, caches[i], 0, self.kv_bytes * st.cap * dkv)
+        if keep:
+            self.gpu.release(*old)
         st.cap = new_cap
 
     def release(self) -> None:
@@ -257,18 +266,11 @@ class Session:
     def close(self, total_positions: int) -> None:
         """The input ends at ``total_positions`` positions (all their mel frames pushed)."""
         self.total_positions = total_positions
-        st = self.dec
-        needed = min(st.max_cap, total_positions)
-        if not self.prefilled and needed > st.cap:
+        needed = min(self.dec.max_cap, total_positions)
+        if not self.prefilled and needed > self.dec.cap:
             # nothing is cached yet (offline: close() comes first), so size the decoder ring once
             # instead of doubling it later, when the old and the new ring would both be held
-            dkv = self.cfg.decoder.n_kv_heads * self.cfg.decoder.head_dim
-            for caches in (st.k_cache, st.v_cache):
-                for i, buf in enumerate(caches):
-                    label = buf.label
-                    self.gpu.release(buf)
-                    caches[i] = self.gpu.empty(self.kv_bytes * needed * dkv, label)
-            st.cap = needed
+            self._resize_decoder_cache(needed, keep=False)
 
     # ------------------------------------------------------------------ encoder + adapter
     def encode_available(self) -> None:
