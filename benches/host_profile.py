@@ -5,7 +5,8 @@ prints the split between recording (Python + wgpu pass commands), submit (finish
 wgpu-core validation) and waiting for the GPU (the GPU's time for the step, as it starts at the
 submit). ``--profile``: 64 more steps under cProfile, top functions by own time.
 ``--set ops_quant.MATVEC_SPLITS='{"matvec": [32, 1, 1]}'`` (repeatable) overrides a module constant
-first (dicts are merged into the current value): A/B tests of tuning knobs on the real step."""
+first (dicts are merged into the current value): A/B tests of tuning knobs on the real step
+(``--set model.STEP_REPLAY=false``: every step through the Python op layer, no recorded replay)."""
 
 import argparse
 import cProfile
@@ -54,7 +55,7 @@ s.encode_available()
 s._decoder_rows(0, 38, head=False)
 s.prefilled, s.next_pos = True, 38
 for _ in range(5):
-    s._decoder_rows(s.next_pos, 1, head=True)
+    s._decode_step(s.next_pos)
     s.next_pos += 1
 gpu.sync()
 
@@ -65,7 +66,7 @@ def steps(n, profiler=None):
         t0 = time.perf_counter()
         if profiler:
             profiler.enable()
-        s._decoder_rows(s.next_pos, 1, head=True)
+        s._decode_step(s.next_pos)
         t1 = time.perf_counter()
         gpu.flush()
         if profiler:
@@ -81,6 +82,7 @@ def steps(n, profiler=None):
 for name in args.skip:
     mod_name, attr = name.rsplit(".", 1)
     setattr(importlib.import_module(f"voxtral_wgpu.{mod_name}"), attr, lambda *a, **k: True)
+s._step_plan = None  # record the step again: with the skipped ops (and after --set changes)
 n0 = gpu.dispatch_count
 rec, sub, wait = steps(64)
 print(f"{args.dtype}, KV {model.kv_cache} {' '.join(args.set)} {' '.join('-' + n for n in args.skip)}: per step record {1e3 * rec:.2f} ms, submit {1e3 * sub:.2f} ms, "

@@ -217,3 +217,37 @@ def test_close_before_decoding_sizes_decoder_ring_once(tiny_model, gpu):
     assert runs[True][0] == runs[False][0] and len(runs[True][0]) > 0
     assert runs[True][1] == 700 and runs[False][1] == 256  # the unsized one kept its initial ring
     assert n_positions < 256
+
+
+@pytest.mark.parametrize("spec, seconds", [(TINY_FULL, 18.0), (TINY_SW, 8.0)])
+def test_replayed_decode_steps_equal_the_op_by_op_graph(tiny_model, monkeypatch, spec, seconds):
+    """Decode steps replayed from the first step's recording (model.STEP_REPLAY) give bit-identical
+    caches and ids to running the ops one by one: across the decoder ring growing (256 -> 512 slots,
+    a new recording), multi-chunk split-K attention (context > 256), the ring and the token ring
+    wrapping (small window; token ring shrunk to 128)."""
+    import voxtral_wgpu.model as model_mod
+
+    model, ref = tiny_model(spec, 480)
+    monkeypatch.setattr(model_mod, "TOKEN_RING", 128)
+    mel = ref.mel(ref.pad(speechlike_audio(seconds, seed=5)))
+    out = {}
+    for replay in (False, True):
+        monkeypatch.setattr(model_mod, "STEP_REPLAY", replay)
+        s = Session(model, ref.n_delay)
+        s.stop_on_eos = False
+        s.push_mel(mel)  # not closed: the ring grows while decoding
+        before = model.gpu.dispatch_count
+        ids = s.decode()
+        dispatches = model.gpu.dispatch_count - before
+        caches = [model.gpu.read(b, np.uint8) for b in (s.dec.k_cache[-1], s.dec.v_cache[0], s.dec.tokens)]
+        out[replay] = (ids, caches, dispatches, s.next_pos, s.dec.cap)
+        s.release()
+    (ids0, c0, n0, pos0, cap0), (ids1, c1, n1, pos1, cap1) = out[False], out[True]
+    assert pos0 == pos1 > 128 and cap0 == cap1 and n0 == n1  # same positions, same dispatches
+    if spec is TINY_FULL:
+        assert pos1 > 256 and cap1 == 512  # grew past 256: re-recorded, and attention split over 2 chunks
+    else:
+        assert cap1 < pos1  # the decoder ring wrapped
+    assert ids0 == ids1 and len(ids1) == pos1 - len(s.prompt_ids) + 1
+    for a, b in zip(c0, c1):
+        np.testing.assert_array_equal(a, b)

@@ -259,7 +259,7 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
     lat = []
     for _ in range(min(steps, total - L)):
         t = time.perf_counter()
-        s._decoder_rows(s.next_pos, 1, head=True)
+        s._decode_step(s.next_pos)
         s.next_pos += 1
         gpu.sync()
         lat.append(1000 * (time.perf_counter() - t))
@@ -282,7 +282,7 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
     n = min(steps, s.positions_encoded - s.next_pos)
     t = time.perf_counter()
     for _ in range(n):
-        s._decoder_rows(s.next_pos, 1, head=True)
+        s._decode_step(s.next_pos)
         s.next_pos += 1
         gpu.flush()
     gpu.sync()
@@ -319,7 +319,7 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
         ts = []
         for i in range(16):
             t = time.perf_counter()
-            s._decoder_rows(pos + i, 1, head=True)
+            s._decode_step(pos + i)
             gpu.sync()
             ts.append(1000 * (time.perf_counter() - t))
         res[f"step_ms_at_{minutes}min"] = _pct(ts, 50)

@@ -12,6 +12,11 @@ Everything the graph needs from wgpu goes through :class:`Gpu`:
 * ``Gpu.write`` uploads through the queue; it submits pending work first when that work reads
   the buffer being overwritten, so host writes are always ordered like program order.
 * ``Gpu.flush`` submits; ``Gpu.read`` flushes and maps.
+* ``with Gpu.capture() as plan:`` records a step's dispatches (they also run) into a
+  :class:`StepPlan`; ``Gpu.replay(plan, values)`` records them again with three raw wgpu-native calls
+  each. Dispatches whose Params depend on the step (a KV slot, a position) name those fields with
+  ``dispatch(..., step=...)`` and the replay patches them from ``values``: the decode loop pays for
+  the Python op layer once per session instead of once per token.
 
 Buffers are plain ``wgpu.GPUBuffer`` objects; shapes and dtypes live with the callers
 (``ops.py``, ``model.py``).
@@ -22,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +74,29 @@ def shader_dir() -> Path:
         if (c / "linear.wgsl").is_file():
             return c
     raise FileNotFoundError(f"voxtral_wgpu's WGSL shaders were not found (looked in {[str(c) for c in candidates]})")
+
+
+@dataclass
+class StepPlan:
+    """Dispatches recorded by :meth:`Gpu.capture`, replayed by :meth:`Gpu.replay`.
+
+    ``image``: the Params of every dispatch laid out as in the uniform arena (each at ``offsets[i]``);
+    ``patches``: (u32 word of ``image``, step value name) pairs; ``group_names[i]``: the step value
+    that replaces dispatch ``i``'s x workgroup count, or None."""
+
+    kernels: list
+    bind_groups: list
+    offsets: list
+    groups: list
+    group_names: list
+    image: bytearray
+    patches: list
+    buffer_ids: set
+    keep: list  # the bind groups' (buffer) owners, alive as long as the plan
+
+    @property
+    def n_dispatches(self) -> int:
+        return len(self.kernels)
 
 
 @dataclass(frozen=True)
@@ -127,6 +156,7 @@ class Gpu:
         self._pass = None
         self._pending_buffers: set[int] = set()
         self._last_pipeline = None
+        self._capturing: list | None = None
         self._offset_cell = _ffi.new("uint32_t[1]") if _ffi is not None else None
         self.bytes_allocated = 0  # bytes of the storage buffers this Gpu holds now (for memory reports)
         self.bytes_peak = 0  # the most bytes_allocated has been (reset with reset_peak())
@@ -237,9 +267,14 @@ class Gpu:
         return k
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch(self, kernel: Kernel, params: bytes, buffers: list, groups) -> None:
+    def dispatch(self, kernel: Kernel, params: bytes, buffers: list, groups, *, step: tuple = (),
+                 step_groups: str | None = None) -> None:
         """Record ``kernel`` over ``groups`` workgroups with ``params`` in its uniform and
         ``buffers`` at bindings 1.. (a buffer, or a (buffer, offset, size) tuple).
+
+        ``step``: ``(field index, name)`` pairs of Params fields that vary from step to step, and
+        ``step_groups`` the name of the value that gives the x workgroup count: a :meth:`replay` of a
+        captured step sets them from its ``values`` (a count of 0 skips the dispatch there, as here).
 
         This runs ~150 times per decoder step, so it stays lean: bind groups are cached, the
         pipeline is set only when it changes, and the pass commands go straight to wgpu-native
@@ -250,10 +285,13 @@ class Gpu:
             raise GpuError(f"{kernel.name}: params of {len(params)} bytes exceed the shader's {kernel.params_size}")
         gx, gy = groups[0], (groups[1] if len(groups) > 1 else 1)
         gz = groups[2] if len(groups) > 2 else 1
-        if gx == 0 or gy == 0 or gz == 0:
-            return
         if gx > MAX_GROUPS_PER_DIM or gy > MAX_GROUPS_PER_DIM or gz > MAX_GROUPS_PER_DIM:
             raise GpuError(f"{kernel.name}: dispatch {groups} exceeds {MAX_GROUPS_PER_DIM} workgroups per dimension")
+        if self._capturing is not None:
+            self._capturing.append((kernel, params, self._bind_group(kernel, buffers), (gx, gy, gz), step,
+                                    step_groups, buffers))
+        if gx == 0 or gy == 0 or gz == 0:
+            return
         slot = kernel.slot
         if len(self._arena_data) + slot > ARENA_BYTES:
             self.flush()
@@ -278,6 +316,73 @@ class Gpu:
         pending = self._pending_buffers
         for b in buffers:
             pending.add(id(b) if not isinstance(b, tuple) else id(b[0]))
+
+    # ------------------------------------------------------------------ step plans
+    @contextmanager
+    def capture(self):
+        """Record the dispatches made inside the block (they are also recorded for execution, as
+        usual) into the :class:`StepPlan` this yields, complete when the block exits."""
+        if self._capturing is not None:
+            raise GpuError("capture() blocks do not nest")
+        self._capturing = records = []
+        plan = StepPlan([], [], [], [], [], bytearray(), [], set(), [])
+        try:
+            yield plan
+        finally:
+            self._capturing = None
+        for kernel, params, bg, groups, step, step_groups, buffers in records:
+            offset = len(plan.image)
+            plan.kernels.append(kernel)
+            plan.bind_groups.append(bg)
+            plan.offsets.append(offset)
+            plan.groups.append(groups)
+            plan.group_names.append(step_groups)
+            plan.image += params
+            plan.image += _ZEROS[: kernel.slot - len(params)]
+            plan.patches.extend((offset // 4 + field, name) for field, name in step)
+            plan.buffer_ids.update(id(b) if not isinstance(b, tuple) else id(b[0]) for b in buffers)
+            plan.keep.append(buffers)
+        if len(plan.image) > ARENA_BYTES:
+            raise GpuError(f"a step plan of {len(plan.image)} bytes of Params exceeds the {ARENA_BYTES}-byte arena")
+
+    def replay(self, plan: StepPlan, values: dict) -> None:
+        """Record ``plan``'s dispatches again with their ``step`` fields and counts from ``values``."""
+        image = plan.image
+        if plan.patches:
+            image = bytearray(image)
+            words = memoryview(image).cast("I")
+            for word, name in plan.patches:
+                words[word] = values[name]
+            words.release()
+        if len(self._arena_data) + len(image) > ARENA_BYTES:
+            self.flush()
+        base = len(self._arena_data)
+        self._arena_data += image
+        p = self._get_pass()
+        last = self._last_pipeline
+        n = 0
+        for kernel, bg, offset, (gx, gy, gz), gname in zip(plan.kernels, plan.bind_groups, plan.offsets,
+                                                          plan.groups, plan.group_names):
+            if gname is not None:
+                gx = values[gname]
+            if gx == 0 or gy == 0 or gz == 0:
+                continue
+            if _raw is not None:
+                h = p._internal
+                if last is not kernel.pipeline:
+                    _raw.wgpuComputePassEncoderSetPipeline(h, kernel.pipeline._internal)
+                    last = kernel.pipeline
+                self._offset_cell[0] = base + offset
+                _raw.wgpuComputePassEncoderSetBindGroup(h, 0, bg._internal, 1, self._offset_cell)
+                _raw.wgpuComputePassEncoderDispatchWorkgroups(h, gx, gy, gz)
+            else:
+                p.set_pipeline(kernel.pipeline)
+                p.set_bind_group(0, bg, [base + offset])
+                p.dispatch_workgroups(gx, gy, gz)
+            n += 1
+        self._last_pipeline = last
+        self.dispatch_count += n
+        self._pending_buffers |= plan.buffer_ids
 
     def _bind_group(self, kernel: Kernel, buffers: list) -> wgpu.GPUBindGroup:
         key = (id(kernel.layout),) + tuple(id(b) if not isinstance(b, tuple) else (id(b[0]), b[1], b[2])

@@ -30,6 +30,7 @@ OFFLINE_CHUNK_POSITIONS = 128  # whole files: bigger encoder batches keep the GP
 TOKEN_RING = 4096  # token-id ring on the GPU (prompt + generated), read back every READBACK_STEPS
 READBACK_STEPS = 16
 KV_CACHE_TYPES = ("f32", "f16")
+STEP_REPLAY = True  # decode steps replay the first step's recorded dispatches (Session._decode_step)
 
 
 def time_embedding(t: float, dim: int, theta: float = 10000.0) -> np.ndarray:
@@ -173,6 +174,7 @@ class Session:
         self.eos = False  # [stream] True when decoding stopped on EOS (not on the position limit)
         self.taps: dict | None = None  # set to {} to collect per-chunk stage outputs (parity tests, debugging)
         self.stop_on_eos = True  # benchmarks on random weights turn this off to decode every position
+        self._step_plan = None  # the recorded decode step (see _decode_step)
 
     # ------------------------------------------------------------------ allocation
     def _encoder_state(self) -> _EncoderState:
@@ -246,6 +248,7 @@ class Session:
         if keep:
             self.gpu.release(*old)
         st.cap = new_cap
+        self._step_plan = None  # it binds the old rings
 
     def release(self) -> None:
         """[stream] Free this session's GPU buffers (idempotent); the session is unusable afterwards.
@@ -254,6 +257,7 @@ class Session:
             return
         self._released = True
         self.done = True
+        self._step_plan = None
         fields = [v for st in (self.enc, self.dec) for v in vars(st).values()]
         self.gpu.release(*[b for v in fields for b in (v if isinstance(v, list) else [v])
                            if isinstance(b, wgpu.GPUBuffer)])
@@ -383,6 +387,34 @@ class Session:
                        norm=w.norm, eps=d.norm_eps, scratch=Mat.of(st.z, 1, d.dim))
             self.model.argmax(g, st.logits, st.tokens, (p0 + rows) % TOKEN_RING)
 
+    def _decode_step(self, p: int) -> None:
+        """One decoder step at position ``p``: the token at ``p + 1`` lands in the GPU token ring.
+
+        The first step (at each decoder ring size) runs the graph above while ``Gpu.capture`` records
+        it; later steps replay that recording with this position's step values (``_step_values``):
+        the same dispatches and Params, minus the per-op Python work (~10 µs a dispatch)."""
+        self._grow_decoder_cache(p + 1)
+        st = self.dec
+        if not STEP_REPLAY or getattr(self.model.weights.tok_embeddings, "embeddings", "gpu") == "cpu":
+            # (CPU embeddings read the step's token back on the host: not a fixed list of dispatches)
+            self._decoder_rows(p, 1, head=True)
+            return
+        if self._step_plan is None:
+            with self.gpu.capture() as plan:
+                self._decoder_rows(p, 1, head=True)
+            self._step_plan = plan
+            return
+        d = self.cfg.decoder
+        self.gpu.write(st.rope, ops.rope_table(np.arange(p, p + 1), d.head_dim, d.rope_theta))
+        self.gpu.replay(self._step_plan, self._step_values(p))
+
+    def _step_values(self, p: int) -> dict:
+        """What differs between decode steps (the ``step=`` Params fields of the ops in ``_decoder_rows``)."""
+        st, d = self.dec, self.cfg.decoder
+        return {"token_slot": p % TOKEN_RING, "next_token_slot": (p + 1) % TOKEN_RING, "audio_slot": p % st.acap,
+                "kv_slot": p % st.cap,
+                **ops.decode_attention_values(p, window=d.sliding_window, cap=st.cap, n_heads=d.n_heads)}
+
     def decode(self) -> list[int]:
         """Run every decoder step whose audio embedding exists; return the newly generated ids."""
         n_before = len(self.generated)
@@ -404,7 +436,7 @@ class Session:
                 if self.total_positions is not None and self.next_pos >= self.total_positions - 1:
                     self.done = True
                 break
-            self._decoder_rows(self.next_pos, 1, head=True)
+            self._decode_step(self.next_pos)
             self.next_pos += 1
             self.gpu.flush()  # let the GPU start this step while the host records the next
             if self.next_pos - self.tokens_read_until >= READBACK_STEPS:
@@ -428,7 +460,7 @@ class Session:
                 self._decoder_rows(0, L - 1, head=False)
                 self.prefilled = True
             self.gpu.write(self.dec.tokens, np.asarray([ids[p]], np.uint32), 4 * (p % TOKEN_RING))
-            self._decoder_rows(p, 1, head=True)
+            self._decode_step(p)
             out.append(self.gpu.read(self.dec.logits, np.float32, vocab))
             self.next_pos = p + 1
         return np.stack(out) if out else np.zeros((0, vocab), np.float32)

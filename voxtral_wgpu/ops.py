@@ -218,7 +218,7 @@ def rope_qkv(gpu: Gpu, table, qkv: Mat, k_cache, v_cache, *, n_heads: int, n_kv_
     k = gpu.kernel("rope_qkv", "rope_qkv", KV_F16=kv_f16)
     n = qkv.rows * (n_heads + n_kv_heads) * (head_dim // 2)
     gpu.dispatch(k, pack_params(qkv.rows, n_heads, n_kv_heads, head_dim, qkv.ld, qkv.off, pos0 % cap, cap),
-                 [table, qkv.buf, k_cache, v_cache], _flat_groups(n))
+                 [table, qkv.buf, k_cache, v_cache], _flat_groups(n), step=((6, "kv_slot"),))
 
 
 def rms_norm(gpu: Gpu, x: Mat, g, y: Mat, eps: float) -> None:
@@ -254,6 +254,19 @@ def decode_attention_scratch(gpu: Gpu, n_heads: int, head_dim: int, max_keys: in
     return gpu.empty(4 * n_heads * (-(-max_keys // DECODE_CHUNK)) * (head_dim + 2), "attention.part")
 
 
+def _shader_pos(pos0: int, window: int, cap: int) -> int:
+    """pos0 enters the shaders as u32: past 2^30 shift it down by a multiple of cap (slots are
+    pos % cap) while keeping it >= window, so the window arithmetic is unchanged."""
+    return pos0 - (((pos0 - window) // cap) * cap if pos0 >= (1 << 30) else 0)
+
+
+def decode_attention_values(pos0: int, *, window: int, cap: int, n_heads: int) -> dict:
+    """The step values (``Gpu.dispatch(step=...)``) of a decode attention at position ``pos0``."""
+    pos = _shader_pos(pos0, window, cap)
+    n_chunks = -(-min(pos + 1, window) // DECODE_CHUNK)
+    return {"attn_pos": pos, "attn_chunks": n_chunks, "attn_merge_groups": n_heads if n_chunks > 1 else 0}
+
+
 def attention(gpu: Gpu, q: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_kv_heads: int, head_dim: int,
               pos0: int, window: int, cap: int, scratch=None, kv_f16: bool = False) -> None:
     """Causal sliding-window attention of ``q [rows, n_heads*head_dim]`` (positions pos0..) over the
@@ -262,20 +275,19 @@ def attention(gpu: Gpu, q: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_k
     takes the split-K decode kernel."""
     assert head_dim <= 256 and n_heads % n_kv_heads == 0
     assert pos0 + q.rows <= cap or cap >= window + q.rows - 1, "KV ring too small for this many rows"
-    # pos0 enters the shaders as u32: past 2^30 shift it down by a multiple of cap (slots are
-    # pos % cap) while keeping it >= window, so the window arithmetic is unchanged.
-    base = ((pos0 - window) // cap) * cap if pos0 >= (1 << 30) else 0
-    pos = pos0 - base
+    pos = _shader_pos(pos0, window, cap)
     if q.rows == 1 and scratch is not None and head_dim % 4 == 0 and q.off % 4 == 0:
-        n_keys = min(pos + 1, window)
-        n_chunks = -(-n_keys // DECODE_CHUNK)
-        assert scratch.size >= 4 * n_heads * n_chunks * (head_dim + 2), "decode attention scratch too small"
-        params = pack_params(n_heads, n_kv_heads, head_dim, pos, window, cap, n_chunks, q.off, out.off,
+        v = decode_attention_values(pos0, window=window, cap=cap, n_heads=n_heads)
+        assert scratch.size >= 4 * n_heads * v["attn_chunks"] * (head_dim + 2), "decode attention scratch too small"
+        params = pack_params(n_heads, n_kv_heads, head_dim, pos, window, cap, v["attn_chunks"], q.off, out.off,
                              float(head_dim) ** -0.5)
         bufs = [q.buf, k_cache, v_cache, scratch, out.buf]
-        gpu.dispatch(gpu.kernel("attention_decode", "partial", KV_F16=kv_f16), params, bufs, (n_chunks, n_kv_heads))
-        if n_chunks > 1:  # one chunk: partial wrote the output
-            gpu.dispatch(gpu.kernel("attention_decode", "merge", KV_F16=kv_f16), params, bufs, (n_heads, 1))
+        step = ((3, "attn_pos"), (6, "attn_chunks"))
+        gpu.dispatch(gpu.kernel("attention_decode", "partial", KV_F16=kv_f16), params, bufs,
+                     (v["attn_chunks"], n_kv_heads), step=step, step_groups="attn_chunks")
+        # one chunk: partial wrote the output and merge runs on 0 workgroups (no dispatch)
+        gpu.dispatch(gpu.kernel("attention_decode", "merge", KV_F16=kv_f16), params, bufs,
+                     (v["attn_merge_groups"], 1), step=step, step_groups="attn_merge_groups")
         return
     k = gpu.kernel("attention", "attention", KV_F16=kv_f16)
     params = pack_params(q.rows, n_heads, n_kv_heads, head_dim, pos, window, cap, q.ld, q.off,
@@ -290,6 +302,9 @@ def swiglu(gpu: Gpu, a: Mat, b: Mat) -> None:
     gpu.dispatch(gpu.kernel("elementwise", "swiglu"), pack_params(n), [a.buf, b.buf], _flat_groups(n))
 
 
+EMBED_STEP = ((2, "token_slot"), (3, "audio_slot"))  # embed*.wgsl Params fields tok_off, apos0 % acap
+
+
 def embed(gpu: Gpu, tokens, tok_off: int, audio, apos0: int, acap: int, table: DenseWeight, out: Mat) -> None:
     """``out[r] = audio[(apos0 + r) % acap] + E[tokens[tok_off + r]]`` (token ids read on the GPU)."""
     assert out.ld == out.cols and out.off == 0
@@ -301,7 +316,7 @@ def embed(gpu: Gpu, tokens, tok_off: int, audio, apos0: int, acap: int, table: D
     for i, (buf, row0, nrows) in enumerate(table.chunks):
         k = gpu.kernel("embed", "embed", W_BF16=table.dtype == "bf16")
         params = pack_params(out.rows, out.cols, tok_off, apos0 % acap, acap, row0, nrows, int(i == 0))
-        gpu.dispatch(k, params, [tokens, audio, buf, out.buf], _flat_groups(n))
+        gpu.dispatch(k, params, [tokens, audio, buf, out.buf], _flat_groups(n), step=EMBED_STEP)
 
 
 class Argmax:
@@ -316,8 +331,9 @@ class Argmax:
     def __call__(self, gpu: Gpu, logits, tokens, out_index: int) -> None:
         params = pack_params(self.n, self.n_parts, out_index)
         bufs = [logits, self.part_v, self.part_i, tokens]
-        gpu.dispatch(gpu.kernel("argmax", "partial"), params, bufs, (self.n_parts, 1))
-        gpu.dispatch(gpu.kernel("argmax", "finish"), params, bufs, (1, 1))
+        step = ((2, "next_token_slot"),)
+        gpu.dispatch(gpu.kernel("argmax", "partial"), params, bufs, (self.n_parts, 1), step=step)
+        gpu.dispatch(gpu.kernel("argmax", "finish"), params, bufs, (1, 1), step=step)
 
 
 def rope_table(positions: np.ndarray, head_dim: int, theta: float) -> np.ndarray:

@@ -308,4 +308,5 @@ def embed(gpu: Gpu, tokens, tok_off: int, audio, apos0: int, acap: int, table: Q
         _, row0, nrows = chunk
         qv, sv = table.views(chunk)
         params = pack_params(out.rows, out.cols, tok_off, apos0 % acap, acap, row0, nrows, int(i == 0))
-        gpu.dispatch(kern, params, [tokens, audio, qv, sv, out.buf], groups)
+        gpu.dispatch(kern, params, [tokens, audio, qv, sv, out.buf], groups,
+                     step=((2, "token_slot"), (3, "audio_slot")))  # as ops.EMBED_STEP
