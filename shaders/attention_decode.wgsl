@@ -19,12 +19,12 @@
 //   4  part    f32        [n_heads, n_chunks, hd + 2] scratch: (max, sum, acc[hd]) per chunk
 //   5  out     f32        [n_heads*hd] from o_off
 //
-// Work split: partial: groups (n_chunks, n_kv_heads), 256 invocations = 256 keys when scoring, then
-// 4 heads x 64 invocations striding over hd when accumulating; heads are taken 4 at a time. The
-// values are accumulated from tiles of 2048 / hd keys that all 256 invocations first copy from the
-// ring into workgroup memory (independent, coalesced loads; a per-invocation walk over the keys
-// would wait on one dependent load per key). The tile's memory also serves the two reductions.
-// merge: groups (n_heads), 64 invocations striding over hd.
+// Work split: partial: groups (n_chunks, n_kv_heads), 256 invocations = 256 keys when scoring (query
+// heads taken 4 at a time); then for the values, hd/2 invocations per key row (two dims each, all 4
+// heads) and 256/(hd/2) key groups striding over the chunk's keys: every invocation's value loads are
+// independent and coalesced along the row, and the key groups' partial sums are added in workgroup
+// memory at the end. (A tiled copy of values into workgroup memory, or one invocation walking all
+// keys per dim, both serialise on load latency.) merge: groups (n_heads), 64 invocations over hd.
 
 struct Params {
     n_heads: u32,
@@ -54,21 +54,21 @@ fn key4(i4: u32) -> vec4<f32> {  // key elements 4*i4 .. 4*i4+3
     return bitcast<vec4<f32>>(vec4<u32>(kc[2u * i4], kc[2u * i4 + 1u]));
 }
 
-fn v_at(i: u32) -> f32 {
+fn v_pair(i: u32) -> vec2<f32> {  // value elements i, i + 1 (i even)
     if (KV_F16) {
-        return unpack2x16float(vc[i / 2u])[i % 2u];
+        return unpack2x16float(vc[i / 2u]);
     }
-    return bitcast<f32>(vc[i]);
+    return bitcast<vec2<f32>>(vec2<u32>(vc[i], vc[i + 1u]));
 }
 @group(0) @binding(4) var<storage, read_write> part: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
 const CHUNK: u32 = 256u;
 const HB: u32 = 4u;  // query heads per pass
-const TILE: u32 = 2048u;  // f32 elements of the value tile (16 KiB of workgroup memory in all)
+const RED: u32 = 2048u;  // f32 elements of the reduction memory (16 KiB of workgroup memory in all)
 var<workgroup> qs: array<vec4<f32>, 256>;   // [HB][hd/4]
 var<workgroup> prob: array<vec4<f32>, 256>; // [key] -> 4 heads' scores, then probabilities
-var<workgroup> vt: array<f32, TILE>;        // value tile [keys][hd]; as vec4 [256] for the reductions
+var<workgroup> vt: array<f32, RED>;         // softmax reductions (as vec4 [256]), then the key groups' sums
 
 fn red_get(i: u32) -> vec4<f32> {
     return vec4<f32>(vt[4u * i], vt[4u * i + 1u], vt[4u * i + 2u], vt[4u * i + 3u]);
@@ -148,50 +148,55 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             workgroupBarrier();
         }
         let l = red_get(0u);
-        // accumulate: invocation = (head hh, dims lane, lane + 64, ...), over value tiles of tk keys
-        let hh = tid / 64u;
-        let lane = tid % 64u;
-        let tk = TILE / hd;
+        workgroupBarrier();  // everyone has read m and l before vt is reused below
+        // accumulate: key group kg = tid / np takes keys kg, kg + ng, ...; its invocation `lane` owns
+        // dims 2*lane and 2*lane + 1 of all 4 heads. Each invocation's value loads are independent
+        // (no per-key barrier or tile copy), then the key groups' partial sums meet in vt.
         let kv_w = p.n_kv_heads * hd;
-        var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);  // dims lane + 64 * j (hd <= 256)
-        for (var t0 = 0u; t0 < n_keys; t0 += tk) {
-            let nt = min(tk, n_keys - t0);
-            workgroupBarrier();  // the reductions (first tile) or the previous tile are done with vt
-            for (var e = tid; e < nt * hd; e += 256u) {
-                let i = e / hd;
-                vt[e] = v_at(((k0 + t0 + i) % p.cap) * kv_w + kvh * hd + (e - i * hd));
-            }
-            workgroupBarrier();
-            if (hh < nh) {
-                for (var j = 0u; j < 4u; j++) {
-                    let d = lane + 64u * j;
-                    if (d < hd) {
-                        var a = acc[j];
-                        for (var i = 0u; i < nt; i++) {
-                            a += prob[t0 + i][hh] * vt[i * hd + d];
-                        }
-                        acc[j] = a;
-                    }
+        let np = hd / 2u;  // invocations per key row
+        let ng = 256u / np;  // key groups
+        let kg = tid / np;
+        let lane = tid - kg * np;
+        var a0 = vec4<f32>(0.0);  // dim 2*lane, heads 0..3
+        var a1 = vec4<f32>(0.0);  // dim 2*lane + 1
+        if (kg < ng) {
+            let s0 = k0 % p.cap;
+            let col = kvh * hd + 2u * lane;
+            for (var i = kg; i < n_keys; i += ng) {
+                var sl = s0 + i;  // i < n_keys <= cap: one wrap at most
+                if (sl >= p.cap) {
+                    sl -= p.cap;
                 }
+                let v2 = v_pair(sl * kv_w + col);
+                let pr = prob[i];
+                a0 += pr * v2.x;
+                a1 += pr * v2.y;
+            }
+            let o = (kg * np + lane) * 8u;
+            vt[o] = a0.x; vt[o + 1u] = a0.y; vt[o + 2u] = a0.z; vt[o + 3u] = a0.w;
+            vt[o + 4u] = a1.x; vt[o + 5u] = a1.y; vt[o + 6u] = a1.z; vt[o + 7u] = a1.w;
+        }
+        workgroupBarrier();
+        // sum the key groups: output element e = (head hh, dim d) of this pass
+        for (var e = tid; e < nh * hd; e += 256u) {
+            let hh = e / hd;
+            let d = e - hh * hd;
+            let idx = d * 4u + hh;  // within one key group's np * 8 floats: [dim][head]
+            var acc = 0.0;
+            for (var g = 0u; g < ng; g++) {
+                acc += vt[g * np * 8u + idx];
+            }
+            let h = kvh * group + h0 + hh;
+            if (p.n_chunks == 1u) {
+                out[p.o_off + h * hd + d] = acc / l[hh];  // what merge would write
+            } else {
+                part[(h * p.n_chunks + c) * (hd + 2u) + 2u + d] = acc;
             }
         }
-        if (hh < nh) {
-            let h = kvh * group + h0 + hh;
-            let pb = (h * p.n_chunks + c) * (hd + 2u);
-            for (var j = 0u; j < 4u; j++) {
-                let d = lane + 64u * j;
-                if (d < hd) {
-                    if (p.n_chunks == 1u) {
-                        out[p.o_off + h * hd + d] = acc[j] / l[hh];  // what merge would write
-                    } else {
-                        part[pb + 2u + d] = acc[j];
-                    }
-                }
-            }
-            if (lane == 0u) {
-                part[pb] = m[hh];
-                part[pb + 1u] = l[hh];
-            }
+        if (tid < nh) {
+            let pb = ((kvh * group + h0 + tid) * p.n_chunks + c) * (hd + 2u);
+            part[pb] = m[tid];
+            part[pb + 1u] = l[tid];
         }
         workgroupBarrier();
     }
