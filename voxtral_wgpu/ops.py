@@ -283,10 +283,10 @@ def attention(gpu: Gpu, q: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_k
                              float(head_dim) ** -0.5)
         bufs = [q.buf, k_cache, v_cache, scratch, out.buf]
         step = ((3, "attn_pos"), (6, "attn_chunks"))
-        gpu.dispatch(gpu.kernel("attention_decode", "partial", KV_F16=kv_f16), params, bufs,
+        gpu.dispatch(gpu.kernel("attention_decode", "partial", KV_F16=kv_f16, HEAD_DIM=head_dim), params, bufs,
                      (v["attn_chunks"], n_kv_heads), step=step, step_groups="attn_chunks")
         # one chunk: partial wrote the output and merge runs on 0 workgroups (no dispatch)
-        gpu.dispatch(gpu.kernel("attention_decode", "merge", KV_F16=kv_f16), params, bufs,
+        gpu.dispatch(gpu.kernel("attention_decode", "merge", KV_F16=kv_f16, HEAD_DIM=head_dim), params, bufs,
                      (v["attn_merge_groups"], 1), step=step, step_groups="attn_merge_groups")
         return
     k = gpu.kernel("attention", "attention", KV_F16=kv_f16)

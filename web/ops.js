@@ -164,8 +164,8 @@ export function attention(gpu, q, kCache, vCache, out, { nHeads, nKvHeads, headD
     const nChunks = cdiv(nKeys, DECODE_CHUNK);
     const params = packParams(nHeads, nKvHeads, headDim, pos, window, cap, nChunks, q.off, out.off, scale);
     const bufs = [q.buf, kCache, vCache, scratch, out.buf];
-    gpu.dispatch(gpu.kernel("attention_decode", "partial", { KV_F16: kvF16 }), params, bufs, [nChunks, nKvHeads]);
-    if (nChunks > 1) gpu.dispatch(gpu.kernel("attention_decode", "merge", { KV_F16: kvF16 }), params, bufs, [nHeads, 1]); // one chunk: partial wrote it
+    gpu.dispatch(gpu.kernel("attention_decode", "partial", { KV_F16: kvF16, HEAD_DIM: headDim }), params, bufs, [nChunks, nKvHeads]);
+    if (nChunks > 1) gpu.dispatch(gpu.kernel("attention_decode", "merge", { KV_F16: kvF16, HEAD_DIM: headDim }), params, bufs, [nHeads, 1]); // one chunk: partial wrote it
     return;
   }
   const k = gpu.kernel("attention", "attention", { KV_F16: kvF16 });
