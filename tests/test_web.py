@@ -46,3 +46,30 @@ def test_page_streaming_ids_equal_python(tmp_path):
     assert r["errors"] == []
     assert r["ids"] == exp["ids"] and len(exp["ids"]) > 0
     assert 0 < r["kept_samples"] <= 2000  # the stream kept only a window of samples, not the whole signal
+
+
+def test_page_microphone_worklet_ids_equal_python(tmp_path):
+    """The page's microphone path itself (web/mic.js: getUserMedia -> AudioWorklet -> MelStream ->
+    streaming Session) on Chromium's fake capture device playing the fixture audio: its ids equal
+    Python's offline transcription of exactly the samples the worklet delivered (the browser resamples
+    the file to the 16 kHz AudioContext, so those samples, not the file's, are the reference)."""
+    import soundfile as sf
+
+    sys.path.insert(0, str(ROOT / "web" / "test"))
+    from make_fixture import build
+    from run_browser import run_page
+
+    import voxtral_wgpu
+
+    build(tmp_path)
+    audio = np.fromfile(tmp_path / "audio.f32", "<f4")
+    wav = tmp_path / "mic.wav"
+    sf.write(wav, audio, 16000, subtype="PCM_16")
+    flags = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+             f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"]
+    r = run_page(tmp_path, "test/test.html?mic=2.5", timeout=180, extra_flags=flags)
+    assert r["errors"] == []
+    got = np.asarray(r["mic_samples"], np.float32)
+    assert len(got) >= 2.5 * 16000 and float(np.abs(got).max()) > 0.01  # real audio came through the worklet
+    want = voxtral_wgpu.load(tmp_path / "model.gguf", progress=False).transcribe(got).token_ids
+    assert r["ids"] == want and len(want) > 0

@@ -3,7 +3,8 @@
 // with tokens/s and real-time factor. Orchestration only: the graph is model.js.
 import { Gpu } from "./gpu.js";
 import { GgufFile, fetchShards } from "./gguf.js";
-import { logMel, MelStream } from "./mel.js";
+import { logMel } from "./mel.js";
+import { startMicrophone } from "./mic.js";
 import { Model, Session, loadWeights, configFromGguf, padding, delayMsToTokens, MEL_FRAMES_PER_POSITION,
   SAMPLES_PER_TOKEN, N_MELS } from "./model.js";
 import { Tekken } from "./tokenizer.js";
@@ -67,30 +68,15 @@ async function transcribeFile(file) {
 
 let mic = null;
 async function toggleMic() {
-  if (mic) { await mic.stop(); mic = null; $("mic").textContent = "Start microphone"; return; }
-  const stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: false } });
-  const ctx = new AudioContext({ sampleRate: 16000 }); // the browser resamples the microphone to 16 kHz
-  await ctx.audioWorklet.addModule("worklet.js");
-  const node = new AudioWorkletNode(ctx, "capture");
-  ctx.createMediaStreamSource(stream).connect(node);
-  const nDelay = delayMsToTokens(model.defaultDelayMs);
-  const s = new Session(model, nDelay);
-  const melS = new MelStream();
-  melS.feed(new Float32Array(model.nLeftPad * SAMPLES_PER_TOKEN)); // the left padding of silence
+  if (mic) { const m = mic; mic = null; await m.stop(); $("text").textContent += m.dec.flush(); $("mic").textContent = "Start microphone"; return; }
   const dec = tok.stream(); $("text").textContent = "";
-  const t0 = performance.now(); let fed = 0, busy = false;
-  node.port.onmessage = async (e) => {
-    fed += e.data.length;
-    s.pushMel(melS.feed(e.data));
-    if (busy) return;
-    busy = true;
-    try { for (const id of await s.decode()) $("text").textContent += dec.push(id); stats(s, t0, fed / 16000); } finally { busy = false; }
-  };
-  mic = { stop: async () => { node.port.onmessage = null; stream.getTracks().forEach((t) => t.stop()); await ctx.close();
-    s.pushMel(melS.feed(new Float32Array((nDelay + 11) * SAMPLES_PER_TOKEN))); s.pushMel(melS.finish());
-    s.close(Math.floor(melS.emitted / MEL_FRAMES_PER_POSITION));
-    for (const id of await s.decode()) $("text").textContent += dec.push(id);
-    $("text").textContent += dec.flush(); s.release(); } };
+  const t0 = performance.now();
+  const m = await startMicrophone(model, {
+    onIds: (ids) => { for (const id of ids) $("text").textContent += dec.push(id); },
+    onStats: (steps, seconds) => { const dt = (performance.now() - t0) / 1000;
+      $("stats").textContent = `${steps} steps, ${(steps / dt).toFixed(1)} tokens/s, ${seconds.toFixed(1)} s of audio`; },
+  });
+  mic = { ...m, dec };
   $("mic").textContent = "Stop microphone";
 }
 

@@ -34,7 +34,23 @@ try {
   const nPositions = padded.length / SAMPLES_PER_TOKEN;
   const t1 = performance.now();
   let s;
-  if (q.get("stream")) {
+  if (q.get("mic")) {
+    // the page's microphone path itself (mic.js: getUserMedia -> AudioWorklet -> MelStream -> Session),
+    // on Chromium's fake capture device playing a file; the samples the worklet delivered go back
+    // with the ids so the Python side can transcribe exactly those
+    const { startMicrophone } = await import("../mic.js");
+    const m = await startMicrophone(model, { keepSamples: true });
+    const want = Number(q.get("mic")) * 16000;
+    const deadline = performance.now() + 60000;
+    while (m.fed() < want && performance.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    out.ids = await m.stop();
+    out.mic_samples = Array.from(m.samples());
+    out.text = tok.decode(out.ids);
+    out.decode_s = (performance.now() - t1) / 1000;
+    await gpu.sync();
+    out.errors.push(...gpu.errors);
+    log(JSON.stringify({ ids: out.ids, fed: out.mic_samples.length }));
+  } else if (q.get("stream")) {
     // the microphone path without the worklet: MelStream + a streaming session fed in uneven chunks
     s = new Session(model, nDelay);
     const melS = new MelStream();
@@ -59,15 +75,17 @@ try {
       if (s.done) break;
     }
   }
-  await s.decode();
-  out.ids = s.generated;
-  out.text = tok.decode(s.generated);
-  out.steps = s.nextPos - s.promptIds.length + 1;
-  out.decode_s = (performance.now() - t1) / 1000;
-  s.release();
-  await gpu.sync();
-  out.errors.push(...gpu.errors);
-  log(JSON.stringify({ ids: out.ids, text: out.text }));
+  if (s) {
+    await s.decode();
+    out.ids = s.generated;
+    out.text = tok.decode(s.generated);
+    out.steps = s.nextPos - s.promptIds.length + 1;
+    out.decode_s = (performance.now() - t1) / 1000;
+    s.release();
+    await gpu.sync();
+    out.errors.push(...gpu.errors);
+    log(JSON.stringify({ ids: out.ids, text: out.text }));
+  }
 } catch (e) {
   out.errors.push(String(e && e.stack || e));
   log("ERROR " + e);
