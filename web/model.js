@@ -292,22 +292,33 @@ export class Session {
   }
 
   _growDecoderCache(positionsNeeded) {
-    const d = this.cfg.decoder, st = this.dec;
+    const st = this.dec;
     if (positionsNeeded <= st.cap || st.cap >= st.maxCap) return;
     let newCap = st.cap;
     while (newCap < positionsNeeded && newCap < st.maxCap) newCap = Math.min(2 * newCap, st.maxCap);
+    this._resizeDecoderCache(newCap, { keep: true });
+  }
+
+  /** Reallocate the decoder KV ring with newCap slots; `keep` copies the cached positions over (no
+   *  wrap has happened yet, so slot == position), else the old ring is freed first. (model.py) */
+  _resizeDecoderCache(newCap, { keep }) {
+    const d = this.cfg.decoder, st = this.dec;
     const dkv = d.n_kv_heads * d.head_dim;
     const old = [...st.kCache, ...st.vCache];
+    const free = () => {
+      this.gpu.flush();
+      this.gpu.forget(...old);
+      for (const b of old) { this.gpu.bytesAllocated -= b.size; b.destroy(); }
+    };
+    if (!keep) free();
     for (const caches of [st.kCache, st.vCache]) {
       caches.forEach((buf, i) => {
         const nb = this.gpu.empty(this.kvBytes * newCap * dkv, buf.label);
-        this.gpu.copy(buf, 0, nb, 0, this.kvBytes * st.cap * dkv);
+        if (keep) this.gpu.copy(buf, 0, nb, 0, this.kvBytes * st.cap * dkv);
         caches[i] = nb;
       });
     }
-    this.gpu.flush();
-    this.gpu.forget(...old);
-    for (const b of old) { this.gpu.bytesAllocated -= b.size; b.destroy(); }
+    if (keep) free();
     st.cap = newCap;
   }
 
@@ -329,7 +340,14 @@ export class Session {
     m.set(this._melPending); m.set(frames, this._melPending.length);
     this._melPending = m;
   }
-  close(totalPositions) { this.totalPositions = totalPositions; }
+  /** The input ends at totalPositions positions (all their mel frames pushed). */
+  close(totalPositions) {
+    this.totalPositions = totalPositions;
+    const needed = Math.min(this.dec.maxCap, totalPositions);
+    // nothing cached yet (offline: close() comes first): size the ring once instead of doubling it
+    // later, when the old and the new ring would both be held
+    if (!this.prefilled && needed > this.dec.cap) this._resizeDecoderCache(needed, { keep: false });
+  }
 
   // ------------------------------------------------------------------ encoder + adapter
   encodeAvailable() {
