@@ -87,11 +87,13 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     let tx = tid % 16u;
     let ty = tid / 16u;
     let bm4 = BM / 4u;
-    // accumulators: rows (4ty + i | 64 + 4ty + i) x columns (4tx.. | 64 + 4tx..)
-    var c00 = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    var c01 = c00;
-    var c10 = c00;
-    var c11 = c00;
+    // accumulators r{i}{j}: row 4ty + i (i < 4) or 64 + 4ty + i - 4 (i >= 4), columns 4tx.. (j = 0) or
+    // 64 + 4tx.. (j = 1). Separate variables, not an array indexed in a loop: drivers kept such an
+    // array in local memory, and the kernel ran at ~2 TFLOP/s (H100).
+    var r00 = vec4<f32>(0.0); var r01 = vec4<f32>(0.0); var r10 = vec4<f32>(0.0); var r11 = vec4<f32>(0.0);
+    var r20 = vec4<f32>(0.0); var r21 = vec4<f32>(0.0); var r30 = vec4<f32>(0.0); var r31 = vec4<f32>(0.0);
+    var r40 = vec4<f32>(0.0); var r41 = vec4<f32>(0.0); var r50 = vec4<f32>(0.0); var r51 = vec4<f32>(0.0);
+    var r60 = vec4<f32>(0.0); var r61 = vec4<f32>(0.0); var r70 = vec4<f32>(0.0); var r71 = vec4<f32>(0.0);
     let k8 = p.K / 8u;
     for (var k0 = 0u; k0 < p.K; k0 += BK) {
         // x slice [BM rows, 16 k] = BM*4 vec4 reads, stored transposed (k-major)
@@ -134,26 +136,30 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
             let a0 = xs[c * bm4 + ty];
             let b0 = ws[c * 32u + tx];
             let b1 = ws[c * 32u + 16u + tx];
-            for (var i = 0u; i < 4u; i++) {
-                c00[i] += a0[i] * b0;
-                c01[i] += a0[i] * b1;
-            }
+            r00 += a0.x * b0; r01 += a0.x * b1;
+            r10 += a0.y * b0; r11 += a0.y * b1;
+            r20 += a0.z * b0; r21 += a0.z * b1;
+            r30 += a0.w * b0; r31 += a0.w * b1;
             if (BM == 128u) {
                 let a1 = xs[c * bm4 + 16u + ty];
-                for (var i = 0u; i < 4u; i++) {
-                    c10[i] += a1[i] * b0;
-                    c11[i] += a1[i] * b1;
-                }
+                r40 += a1.x * b0; r41 += a1.x * b1;
+                r50 += a1.y * b0; r51 += a1.y * b1;
+                r60 += a1.z * b0; r61 += a1.z * b1;
+                r70 += a1.w * b0; r71 += a1.w * b1;
             }
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i++) {
-        epilogue(m0 + 4u * ty + i, n0 + 4u * tx, c00[i]);
-        epilogue(m0 + 4u * ty + i, n0 + 64u + 4u * tx, c01[i]);
-        if (BM == 128u) {
-            epilogue(m0 + 64u + 4u * ty + i, n0 + 4u * tx, c10[i]);
-            epilogue(m0 + 64u + 4u * ty + i, n0 + 64u + 4u * tx, c11[i]);
-        }
+    let m = m0 + 4u * ty;
+    let n = n0 + 4u * tx;
+    epilogue(m, n, r00); epilogue(m, n + 64u, r01);
+    epilogue(m + 1u, n, r10); epilogue(m + 1u, n + 64u, r11);
+    epilogue(m + 2u, n, r20); epilogue(m + 2u, n + 64u, r21);
+    epilogue(m + 3u, n, r30); epilogue(m + 3u, n + 64u, r31);
+    if (BM == 128u) {
+        epilogue(m + 64u, n, r40); epilogue(m + 64u, n + 64u, r41);
+        epilogue(m + 65u, n, r50); epilogue(m + 65u, n + 64u, r51);
+        epilogue(m + 66u, n, r60); epilogue(m + 66u, n + 64u, r61);
+        epilogue(m + 67u, n, r70); epilogue(m + 67u, n + 64u, r71);
     }
 }
