@@ -232,8 +232,11 @@ def test_stream_equals_offline(model, clip, delay, sizes):
     tr, emb_ref = offline(model, clip, delay)
     audio = CLIPS[clip]
     s, events, emb = run_stream(model, audio, chunk_plan(len(audio), sizes), delay, taps=True)
-    assert emb.shape == emb_ref.shape
-    assert np.array_equal(emb.view(np.uint32), emb_ref.view(np.uint32))
+    # encoding runs ahead of decoding (up to the audio ring's room) until EOS stops the session, so
+    # the two paths may have encoded different numbers of positions; those both encoded are equal
+    n = min(len(emb), len(emb_ref))
+    assert n >= len(tr.token_ids) and abs(len(emb) - len(emb_ref)) <= model_mod.MAX_CHUNK_POSITIONS
+    assert np.array_equal(emb[:n].view(np.uint32), emb_ref[:n].view(np.uint32))
     assert s.token_ids == tr.token_ids
     check_events(s, events, tr)
     r = s.result()

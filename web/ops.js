@@ -73,7 +73,7 @@ export function linear(gpu, x, w, y, { act = ACT_NONE, accumulate = false, batch
   }
   const bf16 = dtype === "bf16";
   if (bf16 && w.k % 16 === 0 && x.off % 4 === 0 && x.ld % 4 === 0 && (x.rows > 4 || batchInvariant)) {
-    const bm = x.rows <= 256 ? 64 : 128;
+    const bm = cdiv(w.chunks[0][2], 128) * cdiv(x.rows, 128) >= 512 ? 128 : 64; // ops.matmul_tile_rows
     const k = gpu.kernel("matmul", "matmul", { BM: bm });
     for (const [buf, row0, nrows] of w.chunks) {
       const params = packParams(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, Number(bias !== null), row0, act, Number(accumulate));
@@ -170,7 +170,8 @@ export function attention(gpu, q, kCache, vCache, out, { nHeads, nKvHeads, headD
   }
   const k = gpu.kernel("attention", "attention", { KV_F16: kvF16 });
   const params = packParams(q.rows, nHeads, nKvHeads, headDim, pos, window, cap, q.ld, q.off, out.ld, out.off, scale);
-  gpu.dispatch(k, params, [q.buf, kCache, vCache, out.buf], groups2d(q.rows * nHeads));
+  const rowsPerBlock = Math.min(16, Math.floor(1024 / headDim)); // attention.wgsl's R
+  gpu.dispatch(k, params, [q.buf, kCache, vCache, out.buf], groups2d(Math.ceil(q.rows / rowsPerBlock) * nHeads));
 }
 
 export function swiglu(gpu, a, b) {
@@ -227,8 +228,11 @@ export const GGML_BLOCK_BYTES = { q4_0: 18, q8_0: 34 };
 export const QK = 32;
 export const SC_ALIGN = 256;
 export const MATVEC_MAX_M = 4;
-// (MV_LANES, MV_RPT, MV_UNROLL) per decode kernel: ops_quant.MATVEC_SPLITS
-export const MATVEC_SPLITS = { matvec: [32, 2, 2], matvec_qkv: [32, 2, 2], matvec_swiglu: [32, 2, 1], lm_head: [32, 4, 1] };
+// (MV_LW, MV_RG, MV_RPT, MV_UB) per decode kernel: ops_quant.MATVEC_SPLITS (a workgroup covers
+// MV_RG * MV_RPT output rows); MATVEC_STAGE(_K): x * g staged per workgroup (norm, one row, K <= 3072)
+export const MATVEC_SPLITS = { matvec: [4, 4, 2, 2], matvec_qkv: [2, 16, 4, 3], matvec_swiglu: [2, 8, 2, 3], lm_head: [2, 8, 4, 1] };
+export const MATVEC_STAGE = true;
+export const MATVEC_STAGE_K = 3072;
 export const LM_HEAD_ROWS = 65536;
 export const F16_HW = false;
 export const TILE = 64;
@@ -302,11 +306,13 @@ function quantMatvecOk(x, ws, batchInvariant = false) {
 
 const sc = (w, chunk) => chunkLayout(w.dtype, chunk[2], w.k)[1] / 16;
 
-function quantMatvecKernel(gpu, w, m, entry = "matvec") {
-  let [lanes, rpt, unroll] = MATVEC_SPLITS[w.n >= LM_HEAD_ROWS ? "lm_head" : entry];
-  if (entry === "matvec_swiglu") unroll = 1;
-  const kern = gpu.kernel("linear_quant", entry, { Q8: w.dtype === "q8_0", MV_M: m, MV_LANES: lanes, MV_RPT: rpt, MV_UNROLL: unroll, F16_HW });
-  return [kern, (256 / lanes) * rpt];
+function quantMatvecKernel(gpu, w, m, entry = "matvec", norm = false) {
+  const [lw, rg, rpt, ub] = MATVEC_SPLITS[w.n >= LM_HEAD_ROWS ? "lm_head" : entry];
+  const stage = MATVEC_STAGE && norm && m === 1 && w.k <= MATVEC_STAGE_K;
+  const kern = gpu.kernel("linear_quant", entry, {
+    Q8: w.dtype === "q8_0", MV_M: m, MV_NORM: norm, MV_LW: lw, MV_RG: rg, MV_RPT: rpt, MV_UB: ub, MV_STAGE: stage, F16_HW,
+  });
+  return [kern, rg * rpt];
 }
 
 export function quantLinear(gpu, x, w, y, { act = 0, accumulate = false, batchInvariant = false, norm = null, eps = 1e-5 } = {}) {
@@ -314,7 +320,7 @@ export function quantLinear(gpu, x, w, y, { act = 0, accumulate = false, batchIn
   const useMv = quantMatvecOk(x, [w], batchInvariant);
   if (norm !== null && !useMv) throw new Error("quantLinear(norm=...) needs the matvec path");
   let kern, rowsPerGroup;
-  if (useMv) [kern, rowsPerGroup] = quantMatvecKernel(gpu, w, x.rows);
+  if (useMv) [kern, rowsPerGroup] = quantMatvecKernel(gpu, w, x.rows, "matvec", norm !== null);
   else kern = gpu.kernel("linear_quant", "matmul", { Q8: w.dtype === "q8_0", F16_HW });
   for (const chunk of w.chunks) {
     const [buf, row0, nrows] = chunk;
