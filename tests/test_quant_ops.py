@@ -117,23 +117,50 @@ def test_linear_matches_numpy_on_dequantised_weights(gpu, dtype, M, N, nb, act, 
     assert np.all(np.abs(got - ref) <= 2e-6 * scale), float(np.max(np.abs(got - ref) / scale))
 
 
+# (MV_LW, MV_RG, MV_RPT, MV_UB) of linear_quant.wgsl's decode kernels: the defaults' shape, one lane
+# per row group along K (LW = 32 as the old kernel), a single row group of 256 lanes, lanes across
+# rows only (LW = 1), 3 rows and 3 blocks a step, and tiny row groups
+SPLITS = [(4, 8, 2, 2), (32, 8, 1, 1), (256, 1, 1, 2), (1, 64, 4, 4), (8, 32, 3, 3), (2, 2, 4, 1)]
+KS = (32, 96, 160, 224)  # 1, 3, 5, 7 blocks per row
+NS = (1, 3, 17, 131)
+
+
 @pytest.mark.parametrize("dtype", QTYPES)
-@pytest.mark.parametrize("lanes,rpt,unroll", [(32, 1, 1), (32, 4, 2), (16, 2, 2), (8, 3, 1), (64, 1, 2), (256, 1, 1)])
-def test_matvec_work_splits(gpu, monkeypatch, dtype, lanes, rpt, unroll):
-    """Every (lanes per row group, rows per invocation) split of the matvec kernel, M = 1..4."""
-    rng = np.random.default_rng(lanes + rpt)
-    N, K = 77, 224
-    q = ggml_quantize(rng.standard_normal((N, K)), dtype)
-    wd = oq.dequantize_blocks(q, N, K, dtype).astype(np.float64)
-    b = rng.standard_normal(N).astype(np.float32)
-    wq = oq.upload_quant(gpu, q, N, K, dtype, "w", bias=gpu.upload(b))
-    monkeypatch.setattr(oq, "MATVEC_SPLITS", dict.fromkeys(oq.MATVEC_SPLITS, (lanes, rpt, unroll)))
+@pytest.mark.parametrize("split", SPLITS, ids=lambda s: "x".join(map(str, s)))
+def test_matvec_work_splits(gpu, monkeypatch, dtype, split):
+    """Every work split of the matvec kernel, M = 1..4, on awkward K (odd block counts, fewer blocks
+    than lanes) and N (fewer rows than a workgroup covers, not a multiple of it), full epilogue."""
+    rng = np.random.default_rng(sum(split))
+    monkeypatch.setattr(oq, "MATVEC_SPLITS", dict.fromkeys(oq.MATVEC_SPLITS, split))
     for M in range(1, 5):
-        x = rng.standard_normal((M, K)).astype(np.float32)
-        y0 = rng.standard_normal((M, N)).astype(np.float32)
-        got = _run_linear(gpu, wq, b, x, y0, act=ACT_SILU, accumulate=True, x_pad=4, y_pad=1, xo=4)
-        ref = act_ref(x.astype(np.float64) @ wd.T + b, ACT_SILU) + y0
-        assert np.abs(got - ref).max() < 1e-4, (M, np.abs(got - ref).max())
+        for K, N in ((KS[M - 1], NS[(M + SPLITS.index(split)) % 4]), (KS[-M], NS[-M])):
+            q = ggml_quantize(rng.standard_normal((N, K)), dtype)
+            wd = oq.dequantize_blocks(q, N, K, dtype).astype(np.float64)
+            b = rng.standard_normal(N).astype(np.float32)
+            wq = oq.upload_quant(gpu, q, N, K, dtype, "w", bias=gpu.upload(b))
+            x = rng.standard_normal((M, K)).astype(np.float32)
+            y0 = rng.standard_normal((M, N)).astype(np.float32)
+            got = _run_linear(gpu, wq, b, x, y0, act=ACT_SILU, accumulate=True, x_pad=4, y_pad=1, xo=4)
+            ref = act_ref(x.astype(np.float64) @ wd.T + b, ACT_SILU) + y0
+            assert np.abs(got - ref).max() < 1e-4, (M, K, N, np.abs(got - ref).max())
+
+
+def test_previous_matvec_kernel_still_selectable(gpu, monkeypatch):
+    """MATVEC_IMPL = "v1" (linear_quant_v1.wgsl, kept for A/B timing) gives the same results."""
+    rng = np.random.default_rng(11)
+    N, K, M = 77, 224, 3
+    q = ggml_quantize(rng.standard_normal((N, K)), "q4_0")
+    wq = oq.upload_quant(gpu, q, N, K, "q4_0", "w")
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    gx, g = gpu.upload(x), gpu.upload(np.ones(K, np.float32))
+    outs = []
+    for impl in ("v2", "v1"):
+        monkeypatch.setattr(oq, "MATVEC_IMPL", impl)
+        y = gpu.empty(4 * M * 3 * N)
+        oq.linear(gpu, Mat.of(gx, M, K), wq, Mat.of(y, M, N), norm=g)
+        assert oq.qkv_proj(gpu, Mat.of(gx, M, K), wq, wq, wq, Mat(y, M, 3 * N, 3 * N, 0), norm=g, eps=1e-5)
+        outs.append(gpu.read(y, np.float32, M * 3 * N))
+    assert np.abs(outs[0] - outs[1]).max() < 1e-4
 
 
 @pytest.mark.parametrize("dtype", QTYPES)
@@ -238,44 +265,79 @@ def _rms(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", QTYPES)
-@pytest.mark.parametrize("split", [None, (32, 2, 2), (8, 3, 1)], ids=["default", "32x2x2", "8x3x1"])
-def test_fused_norm_swiglu_and_qkv_decode_kernels(gpu, monkeypatch, dtype, split):
-    """RMSNorm folded into the matvec, SwiGLU (w1, w3) and stacked q/k/v in one dispatch each, with the
-    default work splits (MATVEC_SPLITS) and others."""
-    if split is not None:
+@pytest.mark.parametrize("split", [None, "staged", (32, 8, 1, 1), (1, 64, 3, 2)],
+                         ids=["default", "staged", "32x8x1x1", "1x64x3x2"])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "plain"])
+def test_fused_norm_swiglu_and_qkv_decode_kernels(gpu, monkeypatch, dtype, split, norm):
+    """RMSNorm folded into the matvec (on or off; with one input row, x * g staged in workgroup memory
+    by the kernels MATVEC_STAGE names, all of them with "staged"), SwiGLU (w1, w3) and stacked q/k/v
+    in one dispatch each, with the default work splits (MATVEC_SPLITS) and others; unequal q/k/v sizes
+    whose boundaries fall inside a workgroup's rows, and matrices smaller than one workgroup's rows."""
+    if split == "staged":
+        if not norm:
+            pytest.skip("staging only applies with the norm")
+        monkeypatch.setattr(oq, "MATVEC_STAGE", tuple(oq.MATVEC_SPLITS))
+    elif split is not None:
         monkeypatch.setattr(oq, "MATVEC_SPLITS", dict.fromkeys(oq.MATVEC_SPLITS, split))
-    rng = np.random.default_rng(7)
-    K, eps = 96, 1e-5
-    g = (1 + 0.2 * rng.standard_normal(K)).astype(np.float32)
-    gg = gpu.upload(g)
-
-    def mk(n):
-        q = ggml_quantize(rng.standard_normal((n, K)) / math.sqrt(K), dtype)
-        return oq.upload_quant(gpu, q, n, K, dtype, "w"), oq.dequantize_blocks(q, n, K, dtype).astype(np.float64)
-
-    (w1, d1), (w3, d3) = mk(45), mk(45)
-    (wq, dq), (wk, dk), (wv, dv) = mk(37), mk(13), mk(20)  # q/k/v boundaries inside a row group
+    rng = np.random.default_rng(7 + norm)
+    eps = 1e-5
     monkeypatch.setattr(oq, "LM_HEAD_ROWS", 40)  # w1/w3 (45 rows) take the LM-head split here
-    for M in (1, 3, 4):
-        x = rng.standard_normal((M, K)).astype(np.float32)
-        xn = _rms(x, g, eps)
+    # (M, K, q/k/v sizes, FFN sizes): the FFN's 45 rows take the LM-head split; each M compiles
+    # its own kernels, so only M = 1 (the decode step) runs every case
+    cases = [(1, 96, [(37, 13, 20), (1, 3, 17)], [45, 3]),
+             (4, 160, [(37, 13, 20)], [3]) if norm else (3, 224, [(37, 13, 20)], [3]),
+             (2, 32, [(1, 3, 17)], [])]
+    for M, K, qkv_sizes, ffn_sizes in cases:
+        g = (1 + 0.2 * rng.standard_normal(K)).astype(np.float32)
+        gg = gpu.upload(g) if norm else None
+
+        def mk(n, K=K):
+            q = ggml_quantize(rng.standard_normal((n, K)) / math.sqrt(K), dtype)
+            return oq.upload_quant(gpu, q, n, K, dtype, "w"), oq.dequantize_blocks(q, n, K, dtype).astype(np.float64)
+
+        x = (3 * rng.standard_normal((M, K))).astype(np.float32)
+        xn = _rms(x, g, eps) if norm else x.astype(np.float64)
         gx = gpu.upload(x)
         out = gpu.empty(4 * M * 70)
-        y0 = rng.standard_normal((M, 45)).astype(np.float32)
-        gpu.write(out, y0)
-        oq.linear(gpu, Mat.of(gx, M, K), w1, Mat.of(out, M, 45), accumulate=True, norm=gg, eps=eps)
-        got = gpu.read(out, np.float32, M * 45).reshape(M, 45)
-        assert np.abs(got - (xn @ d1.T + y0)).max() < 1e-4
-        assert oq.swiglu_ffn_in(gpu, Mat.of(gx, M, K), w1, w3, Mat.of(out, M, 45), norm=gg, eps=eps)
-        a, b = xn @ d1.T, xn @ d3.T
-        got = gpu.read(out, np.float32, M * 45).reshape(M, 45)
-        assert np.abs(got - a / (1 + np.exp(-a)) * b).max() < 1e-4
-        assert oq.qkv_proj(gpu, Mat.of(gx, M, K), wq, wk, wv, Mat.of(out, M, 70), norm=gg, eps=eps)
-        got = gpu.read(out, np.float32, M * 70).reshape(M, 70)
-        assert np.abs(got - np.concatenate([xn @ dq.T, xn @ dk.T, xn @ dv.T], axis=1)).max() < 1e-4
+        for n1, n2, n3 in qkv_sizes:  # q/k/v boundaries inside a workgroup's rows
+            (wq, dq), (wk, dk), (wv, dv) = mk(n1), mk(n2), mk(n3)
+            n = n1 + n2 + n3
+            assert oq.qkv_proj(gpu, Mat.of(gx, M, K), wq, wk, wv, Mat.of(out, M, n), norm=gg, eps=eps)
+            got = gpu.read(out, np.float32, M * n).reshape(M, n)
+            assert np.abs(got - np.concatenate([xn @ dq.T, xn @ dk.T, xn @ dv.T], axis=1)).max() < 1e-4
+        for nf in ffn_sizes:
+            (w1, d1), (w3, d3) = mk(nf), mk(nf)
+            y0 = rng.standard_normal((M, nf)).astype(np.float32)
+            gpu.write(out, y0)
+            oq.linear(gpu, Mat.of(gx, M, K), w1, Mat.of(out, M, nf), accumulate=True, norm=gg, eps=eps)
+            got = gpu.read(out, np.float32, M * nf).reshape(M, nf)
+            assert np.abs(got - (xn @ d1.T + y0)).max() < 1e-4
+            assert oq.swiglu_ffn_in(gpu, Mat.of(gx, M, K), w1, w3, Mat.of(out, M, nf), norm=gg, eps=eps)
+            a, b = xn @ d1.T, xn @ d3.T
+            got = gpu.read(out, np.float32, M * nf).reshape(M, nf)
+            assert np.abs(got - a / (1 + np.exp(-a)) * b).max() < 1e-4
     # not applicable: too many rows or unaligned x -> nothing recorded, the caller falls back
     x5 = Mat.of(gpu.upload(np.zeros((5, K), np.float32)), 5, K)
-    assert not oq.swiglu_ffn_in(gpu, x5, w1, w3, Mat.of(out, 5, 45), norm=gg, eps=eps)
-    assert not oq.qkv_proj(gpu, Mat(gx, 1, K, K, 1), wq, wk, wv, Mat.of(out, 1, 70), norm=gg, eps=eps)
-    with pytest.raises(ValueError, match="matvec"):
-        oq.linear(gpu, x5, w1, Mat.of(out, 5, 45), norm=gg)
+    assert not oq.swiglu_ffn_in(gpu, x5, wq, wq, Mat.of(out, 5, wq.n), norm=gg, eps=eps)
+    assert not oq.qkv_proj(gpu, Mat(gx, 1, K, K, 1), wq, wk, wv, Mat.of(out, 1, n), norm=gg, eps=eps)
+    if norm:
+        with pytest.raises(ValueError, match="matvec"):
+            oq.linear(gpu, x5, wq, Mat.of(out, 5, wq.n), norm=gg)
+
+
+@pytest.mark.parametrize("dtype", QTYPES)
+def test_norm_over_several_chunks(gpu, monkeypatch, dtype):
+    """The folded RMSNorm on a matrix split into row chunks (the LM head under a small binding limit)."""
+    rng = np.random.default_rng(9)
+    N, K, eps = 131, 160, 1e-5
+    q = ggml_quantize(rng.standard_normal((N, K)), dtype)
+    monkeypatch.setattr(gpu, "max_binding", 40 * K // 32 * (oq.QUANT_BYTES[dtype] + 2) + 512)  # 40 rows
+    wq = oq.upload_quant(gpu, q, N, K, dtype, "parts")
+    assert len(wq.chunks) == 4
+    g = (1 + 0.2 * rng.standard_normal(K)).astype(np.float32)
+    for M in (1, 4):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        y = gpu.empty(4 * M * N)
+        oq.linear(gpu, Mat.of(gpu.upload(x), M, K), wq, Mat.of(y, M, N), norm=gpu.upload(g), eps=eps)
+        ref = _rms(x, g, eps) @ oq.dequantize_blocks(q, N, K, dtype).T.astype(np.float64)
+        assert np.abs(gpu.read(y, np.float32, M * N).reshape(M, N) - ref).max() < 1e-4

@@ -45,12 +45,26 @@ GGML_BLOCK_BYTES = {"q4_0": 18, "q8_0": 34}  # bytes per block in a GGUF file (f
 QK = 32
 SC_ALIGN = 256
 MATVEC_MAX_M = 4  # rows of x handled by the matrix-vector kernel; more go to the tiled kernel
-# matvec work split per decode kernel: (MV_LANES, MV_RPT, MV_UNROLL) overrides, chosen on an H100
-# (Vulkan): 32 lanes x 2 rows x 2 blocks ahead over the decoder's matrices (the fused SwiGLU kernel has
-# no unroll), 4 rows and no unroll for the 131072-row LM head. A sweep of every split in isolation
-# (2026-11-25) moved individual kernels by up to 2x either way between runs but not the whole step's
-# GPU time, so these stay until the kernels are reworked (benches/RESULTS.md).
-MATVEC_SPLITS = {"matvec": (32, 2, 2), "matvec_qkv": (32, 2, 2), "matvec_swiglu": (32, 2, 1), "lm_head": (32, 4, 1)}
+# matvec work split per decode kernel, linear_quant.wgsl's overrides (MV_LW, MV_RG, MV_RPT, MV_UB):
+# neighbouring invocations on neighbouring blocks of one row, row groups per workgroup, rows per
+# invocation, blocks per row loaded per loop step. A workgroup covers MV_RG * MV_RPT rows with
+# 256 / MV_RG invocations per row along K. "lm_head": matrices of at least LM_HEAD_ROWS rows.
+# Chosen on an H100 (Vulkan) with benches/quant_matvec.py (GPU timestamps, weights cycled past L2),
+# Q4_0 us per call, these / the previous kernels (MATVEC_SPLITS_V1): qkv 13.3 / 35.1, wo 9.0 / 22.9,
+# w1|w3 SwiGLU 23.5 / 68.8, w2 15.2 / 44.3, LM head 117 / 327 (Q8_0: 18.4, 10.9, 33.8, 18.2, 165). One
+# workgroup's dependent dispatch costs ~4 us there, which bounds the small matrices.
+MATVEC_SPLITS = {"matvec": (4, 4, 2, 2), "matvec_qkv": (4, 8, 4, 3), "matvec_swiglu": (2, 8, 2, 3),
+                 "lm_head": (2, 8, 4, 1)}
+# Kinds whose kernel stages x * g in workgroup memory once per workgroup (MV_STAGE; with the norm, one
+# input row and K <= MATVEC_STAGE_K) instead of every invocation multiplying the x it reads by g: it
+# pays where a workgroup covers many rows (q/k/v), not where workgroups are many and small (SwiGLU).
+MATVEC_STAGE = ("matvec_qkv",)
+MATVEC_STAGE_K = 3072
+# "v2": linear_quant.wgsl's decode kernels; "v1": the previous ones (linear_quant_v1.wgsl, splits in
+# MATVEC_SPLITS_V1 as (lanes, rows per invocation, unroll)), kept only for A/B timing on a GPU.
+MATVEC_IMPL = "v2"
+MATVEC_SPLITS_V1 = {"matvec": (32, 2, 2), "matvec_qkv": (32, 2, 2), "matvec_swiglu": (32, 2, 1),
+                    "lm_head": (32, 4, 1)}
 SMALL_M_MATVEC = 64  # up to this many rows (not batch-invariant): matvec in groups of 4 rows
 LM_HEAD_ROWS = 65536  # matrices with at least this many rows use the LM-head split
 F16_HW = False  # scales decoded by unpack2x16float instead of integer ops (same speed measured)
@@ -194,13 +208,25 @@ def _sc(w: QuantWeight, chunk) -> int:
     return chunk_layout(w.dtype, chunk[2], w.k)[1] // 16
 
 
-def _matvec_kernel(gpu: Gpu, w: QuantWeight, m: int, entry: str = "matvec"):
-    lanes, rpt, unroll = MATVEC_SPLITS["lm_head" if w.n >= LM_HEAD_ROWS else entry]
-    if entry == "matvec_swiglu":
-        unroll = 1  # one block of each matrix at a time (the override is unused there)
-    kern = gpu.kernel("linear_quant", entry, Q8=w.dtype == "q8_0", MV_M=m, MV_LANES=lanes, MV_RPT=rpt,
-                      MV_UNROLL=unroll, F16_HW=F16_HW)
-    return kern, 256 // lanes * rpt
+def _matvec_kernel(gpu: Gpu, w: QuantWeight, m: int, entry: str = "matvec", norm: bool = False):
+    """The decode kernel for ``m`` input rows and the output rows each workgroup covers."""
+    kind = "lm_head" if w.n >= LM_HEAD_ROWS else entry
+    if MATVEC_IMPL == "v1":
+        lanes, rpt, unroll = MATVEC_SPLITS_V1[kind]
+        kern = gpu.kernel("linear_quant_v1", entry, Q8=w.dtype == "q8_0", MV_M=m, MV_LANES=lanes, MV_RPT=rpt,
+                          MV_UNROLL=1 if entry == "matvec_swiglu" else unroll, F16_HW=F16_HW)
+        return kern, 256 // lanes * rpt
+    lw, rg, rpt, ub = MATVEC_SPLITS[kind]
+    assert lw & (lw - 1) == 0 and rg & (rg - 1) == 0 and lw * rg <= 256 and 1 <= rpt <= 4 and 1 <= ub <= 4, \
+        (kind, MATVEC_SPLITS[kind])
+    stage = kind in MATVEC_STAGE and norm and m == 1 and w.k <= MATVEC_STAGE_K
+    # workgroup memory: vec4 channels of partial sums (rows, SwiGLU's up rows, sum(x^2) unless staged),
+    # or the staged x * g (K/4 + K/32 vec4s, padded)
+    channels = 1 + (entry == "matvec_swiglu") + (norm and not stage)
+    shm = max(256 * channels, MATVEC_STAGE_K // 4 + MATVEC_STAGE_K // 32 if stage else 0)
+    kern = gpu.kernel("linear_quant", entry, Q8=w.dtype == "q8_0", MV_M=m, MV_NORM=norm, MV_LW=lw, MV_RG=rg,
+                      MV_RPT=rpt, MV_UB=ub, MV_STAGE=stage, MV_SHM=shm, MV_SSP=256 if stage else 1, F16_HW=F16_HW)
+    return kern, rg * rpt
 
 
 def linear(gpu: Gpu, x, w: QuantWeight, y, *, act: int = 0, accumulate: bool = False,
@@ -225,7 +251,7 @@ def linear(gpu: Gpu, x, w: QuantWeight, y, *, act: int = 0, accumulate: bool = F
             linear(gpu, x.take(r0, n), w, y.take(r0, n), act=act, accumulate=accumulate)
         return
     if use_mv:
-        kern, rows_per_group = _matvec_kernel(gpu, w, x.rows)
+        kern, rows_per_group = _matvec_kernel(gpu, w, x.rows, norm=norm is not None)
     else:
         kern = gpu.kernel("linear_quant", "matmul", Q8=w.dtype == "q8_0", F16_HW=F16_HW)
     for chunk in w.chunks:
@@ -249,7 +275,7 @@ def swiglu_ffn_in(gpu: Gpu, x, w1: QuantWeight, w3: QuantWeight, out, *, norm, e
             and w1.bias is None and w3.bias is None):
         return False
     assert out.cols == w1.n and out.rows == x.rows
-    kern, rows_per_group = _matvec_kernel(gpu, w1, x.rows, "matvec_swiglu")
+    kern, rows_per_group = _matvec_kernel(gpu, w1, x.rows, "matvec_swiglu", norm=norm is not None)
     c1, c3 = w1.chunks[0], w3.chunks[0]
     params = pack_params(x.rows, w1.n, w1.k, x.ld, x.off, out.ld, out.off, 0, 0, 0, 0, int(norm is not None),
                          float(eps), 0, 0, _sc(w1, c1), _sc(w3, c3), 0)
@@ -268,12 +294,16 @@ def qkv_proj(gpu: Gpu, x, wq: QuantWeight, wk: QuantWeight, wv: QuantWeight, qkv
         return False
     n = wq.n + wk.n + wv.n
     assert qkv.cols == n and qkv.rows == x.rows
-    kern, rows_per_group = _matvec_kernel(gpu, wq, x.rows, "matvec_qkv")
+    kern, rows_per_group = _matvec_kernel(gpu, wq, x.rows, "matvec_qkv", norm=norm is not None)
     cq, ck, cv = (w.chunks[0] for w in ws)
     params = pack_params(x.rows, n, wq.k, x.ld, x.off, qkv.ld, qkv.off, 0, 0, 0, 0, int(norm is not None),
                          float(eps), wq.n, wk.n, _sc(wq, cq), _sc(wk, ck), _sc(wv, cv))
+    if MATVEC_IMPL == "v1":
+        groups = -(-n // rows_per_group)
+    else:  # each workgroup within one of the three matrices
+        groups = sum(-(-w.n // rows_per_group) for w in ws)
     gpu.dispatch(kern, params, [x.buf, cq[0], cq[0], norm if norm is not None else cq[0], qkv.buf, ck[0], cv[0]],
-                 groups_2d(-(-n // rows_per_group)))
+                 groups_2d(groups))
     return True
 
 

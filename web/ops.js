@@ -229,9 +229,9 @@ export const QK = 32;
 export const SC_ALIGN = 256;
 export const MATVEC_MAX_M = 4;
 // (MV_LW, MV_RG, MV_RPT, MV_UB) per decode kernel: ops_quant.MATVEC_SPLITS (a workgroup covers
-// MV_RG * MV_RPT output rows); MATVEC_STAGE(_K): x * g staged per workgroup (norm, one row, K <= 3072)
-export const MATVEC_SPLITS = { matvec: [4, 4, 2, 2], matvec_qkv: [2, 16, 4, 3], matvec_swiglu: [2, 8, 2, 3], lm_head: [2, 8, 4, 1] };
-export const MATVEC_STAGE = true;
+// MV_RG * MV_RPT output rows); MATVEC_STAGE: kinds staging x * g per workgroup (norm, one row, K <= 3072)
+export const MATVEC_SPLITS = { matvec: [4, 4, 2, 2], matvec_qkv: [4, 8, 4, 3], matvec_swiglu: [2, 8, 2, 3], lm_head: [2, 8, 4, 1] };
+export const MATVEC_STAGE = ["matvec_qkv"];
 export const MATVEC_STAGE_K = 3072;
 export const LM_HEAD_ROWS = 65536;
 export const F16_HW = false;
@@ -307,10 +307,15 @@ function quantMatvecOk(x, ws, batchInvariant = false) {
 const sc = (w, chunk) => chunkLayout(w.dtype, chunk[2], w.k)[1] / 16;
 
 function quantMatvecKernel(gpu, w, m, entry = "matvec", norm = false) {
-  const [lw, rg, rpt, ub] = MATVEC_SPLITS[w.n >= LM_HEAD_ROWS ? "lm_head" : entry];
-  const stage = MATVEC_STAGE && norm && m === 1 && w.k <= MATVEC_STAGE_K;
+  const kind = w.n >= LM_HEAD_ROWS ? "lm_head" : entry;
+  const [lw, rg, rpt, ub] = MATVEC_SPLITS[kind];
+  const stage = MATVEC_STAGE.includes(kind) && norm && m === 1 && w.k <= MATVEC_STAGE_K;
+  // workgroup memory: vec4 channels of partial sums, or the staged x * g (ops_quant._matvec_kernel)
+  const channels = 1 + Number(entry === "matvec_swiglu") + Number(norm && !(stage && m === 1));
+  const shm = Math.max(256 * channels, stage ? MATVEC_STAGE_K / 4 + MATVEC_STAGE_K / 32 : 0);
   const kern = gpu.kernel("linear_quant", entry, {
-    Q8: w.dtype === "q8_0", MV_M: m, MV_NORM: norm, MV_LW: lw, MV_RG: rg, MV_RPT: rpt, MV_UB: ub, MV_STAGE: stage, F16_HW,
+    Q8: w.dtype === "q8_0", MV_M: m, MV_NORM: norm, MV_LW: lw, MV_RG: rg, MV_RPT: rpt, MV_UB: ub, MV_STAGE: stage,
+    MV_SHM: shm, MV_SSP: stage ? 256 : 1, F16_HW,
   });
   return [kern, rg * rpt];
 }
