@@ -7,7 +7,6 @@ so a missing driver fails loudly instead of silently skipping.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

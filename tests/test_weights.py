@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from hf_reference import TINY_SW, synth_audio

@@ -156,7 +156,7 @@ class Session:
         self.ffn_norms = model.ffn_norms(n_delay)
         self.kv_f16 = model.kv_f16
         self.kv_bytes = 2 if self.kv_f16 else 4  # per cached element
-        e, d = self.cfg.encoder, self.cfg.decoder
+        e = self.cfg.encoder
         if e.downsample_factor != ENC_FRAMES_PER_POSITION:
             raise ValueError(f"downsample_factor {e.downsample_factor} unsupported: the 12.5 Hz decoder clock "
                              f"needs {ENC_FRAMES_PER_POSITION} encoder frames per position")

@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from . import audio as audio_mod
-from .model import MEL_FRAMES_PER_POSITION, Session
+from .model import Session
 
 SECONDS_PER_TOKEN = audio_mod.SAMPLES_PER_TOKEN / audio_mod.SAMPLE_RATE  # 0.08 s = 1 decoder position
 LOOK_AHEAD_SAMPLES = 40  # frame 8p+7 of position p reads samples up to 1280p + 1319 (spec §3.3)
