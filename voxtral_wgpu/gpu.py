@@ -94,10 +94,6 @@ class StepPlan:
     buffer_ids: set
     keep: list  # the bind groups' (buffer) owners, alive as long as the plan
 
-    @property
-    def n_dispatches(self) -> int:
-        return len(self.kernels)
-
 
 @dataclass(frozen=True)
 class Kernel:
@@ -298,20 +294,7 @@ class Gpu:
         offset = len(self._arena_data)
         self._arena_data += params
         self._arena_data += _ZEROS[: slot - len(params)]
-        bg = self._bind_group(kernel, buffers)
-        p = self._get_pass()
-        if _raw is not None:
-            h = p._internal
-            if self._last_pipeline is not kernel.pipeline:
-                _raw.wgpuComputePassEncoderSetPipeline(h, kernel.pipeline._internal)
-                self._last_pipeline = kernel.pipeline
-            self._offset_cell[0] = offset
-            _raw.wgpuComputePassEncoderSetBindGroup(h, 0, bg._internal, 1, self._offset_cell)
-            _raw.wgpuComputePassEncoderDispatchWorkgroups(h, gx, gy, gz)
-        else:
-            p.set_pipeline(kernel.pipeline)
-            p.set_bind_group(0, bg, [offset])
-            p.dispatch_workgroups(gx, gy, gz)
+        self._record(self._get_pass(), kernel, self._bind_group(kernel, buffers), offset, gx, gy, gz)
         self.dispatch_count += 1
         pending = self._pending_buffers
         for b in buffers:
@@ -359,7 +342,6 @@ class Gpu:
         base = len(self._arena_data)
         self._arena_data += image
         p = self._get_pass()
-        last = self._last_pipeline
         n = 0
         for kernel, bg, offset, (gx, gy, gz), gname in zip(plan.kernels, plan.bind_groups, plan.offsets,
                                                           plan.groups, plan.group_names):
@@ -367,22 +349,26 @@ class Gpu:
                 gx = values[gname]
             if gx == 0 or gy == 0 or gz == 0:
                 continue
-            if _raw is not None:
-                h = p._internal
-                if last is not kernel.pipeline:
-                    _raw.wgpuComputePassEncoderSetPipeline(h, kernel.pipeline._internal)
-                    last = kernel.pipeline
-                self._offset_cell[0] = base + offset
-                _raw.wgpuComputePassEncoderSetBindGroup(h, 0, bg._internal, 1, self._offset_cell)
-                _raw.wgpuComputePassEncoderDispatchWorkgroups(h, gx, gy, gz)
-            else:
-                p.set_pipeline(kernel.pipeline)
-                p.set_bind_group(0, bg, [base + offset])
-                p.dispatch_workgroups(gx, gy, gz)
+            self._record(p, kernel, bg, base + offset, gx, gy, gz)
             n += 1
-        self._last_pipeline = last
         self.dispatch_count += n
         self._pending_buffers |= plan.buffer_ids
+
+    def _record(self, p, kernel: Kernel, bg, offset: int, gx: int, gy: int, gz: int) -> None:
+        """The pass commands of one dispatch: pipeline (when it changes), bind group at its Params
+        offset, workgroups — straight to wgpu-native where available."""
+        if _raw is not None:
+            h = p._internal
+            if self._last_pipeline is not kernel.pipeline:
+                _raw.wgpuComputePassEncoderSetPipeline(h, kernel.pipeline._internal)
+                self._last_pipeline = kernel.pipeline
+            self._offset_cell[0] = offset
+            _raw.wgpuComputePassEncoderSetBindGroup(h, 0, bg._internal, 1, self._offset_cell)
+            _raw.wgpuComputePassEncoderDispatchWorkgroups(h, gx, gy, gz)
+        else:
+            p.set_pipeline(kernel.pipeline)
+            p.set_bind_group(0, bg, [offset])
+            p.dispatch_workgroups(gx, gy, gz)
 
     def _bind_group(self, kernel: Kernel, buffers: list) -> wgpu.GPUBindGroup:
         key = (id(kernel.layout),) + tuple(id(b) if not isinstance(b, tuple) else (id(b[0]), b[1], b[2])

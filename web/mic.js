@@ -7,11 +7,9 @@ import { Session, padding, delayMsToTokens, MEL_FRAMES_PER_POSITION, SAMPLES_PER
 /** Start streaming. `onIds(ids)` gets each batch of new token ids; `onStats(steps, seconds)` the
  *  decoder's progress. `keepSamples`: also keep every sample the worklet delivered (tests).
  *  Returns { stop() -> Promise<all ids>, samples() -> Float32Array, fed() -> samples so far }. */
-export async function startMicrophone(model, { onIds = () => {}, onStats = () => {}, keepSamples = false,
-  deviceId = undefined } = {}) {
+export async function startMicrophone(model, { onIds = () => {}, onStats = () => {}, keepSamples = false } = {}) {
   const stream = await navigator.mediaDevices.getUserMedia({
-    audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false,
-      ...(deviceId ? { deviceId } : {}) } });
+    audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false } });
   const ctx = new AudioContext({ sampleRate: 16000 }); // the browser resamples the microphone to 16 kHz
   await ctx.audioWorklet.addModule(new URL("./worklet.js", import.meta.url));
   const node = new AudioWorkletNode(ctx, "capture");
