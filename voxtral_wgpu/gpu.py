@@ -107,6 +107,26 @@ class Kernel:
     slot: int  # bytes it takes in the uniform arena (params_size rounded up to UNIFORM_SLOT)
 
 
+class PendingRead:
+    """A copy into a mappable buffer, recorded and submitted by :meth:`Gpu.read_later`. ``result()``
+    maps it: immediate once the GPU has run the copy (wgpu-py's poll thread first polls without
+    waiting), else it waits for the queue like :meth:`Gpu.read`."""
+
+    def __init__(self, staging: wgpu.GPUBuffer, dtype, count: int):
+        self._staging, self._dtype, self._count = staging, np.dtype(dtype), count
+
+    def result(self) -> np.ndarray:
+        if self._staging is None:
+            raise GpuError("PendingRead.result() called twice")
+        staging, self._staging = self._staging, None
+        # mapped only now: a map requested right after the submit would keep wgpu-py's poll thread
+        # in a blocking device poll while the host records and submits the next steps
+        staging.map_async("READ_NOSYNC").sync_wait()
+        raw = staging.read_mapped()
+        staging.destroy()
+        return np.frombuffer(raw, np.uint8)[: self._count * self._dtype.itemsize].view(self._dtype).copy()
+
+
 class GpuError(RuntimeError):
     pass
 
@@ -209,6 +229,16 @@ class Gpu:
         size_padded = -(-size // 4) * 4
         raw = self.queue.read_buffer(buf, offset, size_padded)
         return np.frombuffer(raw, dtype=np.uint8)[:size].view(dtype).copy()
+
+    def read_later(self, buf: wgpu.GPUBuffer, dtype=np.uint32, count: int = 1, offset: int = 0) -> PendingRead:
+        """Record a copy of ``count`` elements of ``buf`` and submit everything recorded, without
+        waiting: a readback that does not drain the queue when its result is taken a few steps later."""
+        nbytes = count * np.dtype(dtype).itemsize
+        staging = self.device.create_buffer(size=-(-nbytes // 4) * 4, label="read-later",
+                                            usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        self.copy(buf, offset, staging, 0, -(-nbytes // 4) * 4)
+        self.flush()
+        return PendingRead(staging, dtype, count)
 
     def copy(self, src, src_offset: int, dst, dst_offset: int, nbytes: int) -> None:
         """Record a GPU-side copy (between dispatches, in order)."""
@@ -436,8 +466,9 @@ def _params_size(src: str, shader: str) -> int:
     if not m:
         raise GpuError(f"{shader}.wgsl has no struct Params")
     size = 0
-    for field in m.group(1).split(","):
-        field = field.split("//")[0].strip()
+    body = re.sub(r"//[^\n]*", "", m.group(1))  # comments may hold commas
+    for field in body.split(","):
+        field = field.strip()
         if not field:
             continue
         ty = field.split(":", 1)[1].strip()

@@ -234,8 +234,9 @@ export function paramsSize(src, shader) {
   const m = src.match(/struct\s+Params\s*\{([^}]*)\}/);
   if (!m) throw new GpuError(`${shader}.wgsl has no struct Params`);
   let size = 0;
-  for (let field of m[1].split(",")) {
-    field = field.split("//")[0].trim();
+  const body = m[1].replace(/\/\/[^\n]*/g, ""); // comments may hold commas
+  for (let field of body.split(",")) {
+    field = field.trim();
     if (!field) continue;
     const ty = field.split(":").slice(1).join(":").trim();
     if (ty === "u32" || ty === "i32" || ty === "f32") size += 4;
