@@ -105,9 +105,10 @@ def main():
     kc, vc = gpu.empty(4 * 8192 * KV), gpu.empty(4 * 8192 * KV)
     part = ops.decode_attention_scratch(gpu, 32, 128, 8192)
     att = Mat.of(gpu.empty(4 * Q), 1, Q)
+    table = gpu.upload(ops.rope_table(np.arange(1), 128, 1e6))
     for ctx in (64, 1024, 8192):
-        fn = lambda ctx=ctx: ops.attention(gpu, qkv.cols_(0, Q), kc, vc, att, n_heads=32, n_kv_heads=8, head_dim=128,
-                                          pos0=ctx - 1, window=8192, cap=8192, scratch=part)
+        fn = lambda ctx=ctx: ops.decode_attention(gpu, table, qkv, kc, vc, att, n_heads=32, n_kv_heads=8,
+                                                 head_dim=128, pos0=ctx - 1, window=8192, cap=8192, scratch=part)
         dt = timed(gpu, fn, a.reps)
         res.append(("-", f"attention ctx {ctx}", dt * 1e6, 2 * ctx * KV * 4 / dt / 1e9))
     # encoder-shaped matmuls: GFLOP/s in the last column

@@ -1,7 +1,14 @@
-// attention_decode.wgsl — one query row (a decode step) over a long KV ring: split-K ("flash decoding").
+// attention_decode.wgsl — one query row (a decode step) over a long KV ring: split-K ("flash decoding"),
+// with rope_qkv's work for that row folded in.
 //
-//   out[h, :] = sum_j softmax_j( q[h] . k[j, h / G] * scale ) v[j, h / G],   pos - window < j <= pos
+//   out[h, :] = sum_j softmax_j( rot(q[h]) . k[j, h / G] * scale ) v[j, h / G],   pos - window < j <= pos
 //   (G = n_heads / n_kv_heads; the window counts the query itself, as attention.wgsl).
+//   The row's own key and value (j = pos) come from the unrotated qkv row, not the ring: k[pos] =
+//   rot(k_row), v[pos] = v_row, rounded as the ring stores them (f16 with KV_F16, clamped to the
+//   finite range) and written to ring slot pos % cap here, for later steps; rot is rope_qkv.wgsl's
+//   interleaved-pair rotation with the host's (cos, sin) table of position pos. No other workgroup
+//   of the dispatch reads that slot (it held position pos - cap, outside the window), so the
+//   rope_qkv dispatch of a decode step is gone (26 a step) and the qkv row is left unchanged.
 //
 // The visible keys are cut into chunks of 256. `partial` gives each (chunk, kv head) one workgroup
 // that scores its keys against all G query heads sharing that kv head (K and V are read once per
@@ -12,16 +19,24 @@
 //
 // Bindings
 //   0  params  uniform    Params
-//   1  q       vec4<f32>  query row: head h at elements q_off + h*hd (q_off, hd multiples of 4)
+//   1  qkv     vec4<f32>  the step's row [q (n_heads*hd) | k (n_kv*hd) | v (n_kv*hd)] from element
+//                         q_off (q_off, hd multiples of 4), unrotated
 //   2  kc      vec2<u32>  [cap, n_kv*hd] key ring (position j in slot j % cap): f32 bits, 4 per two
 //                         vec2s, or with KV_F16 f16 pairs, 4 per vec2 (layout: rope_qkv.wgsl)
 //   3  vc      u32        [cap, n_kv*hd] value ring, f32 bits or f16 pairs
 //   4  part    f32        [n_heads, n_chunks, hd + 2] scratch: (max, sum, acc[hd]) per chunk
 //   5  out     f32        [n_heads*hd] from o_off
+//   6  table   vec4<f32>  [hd/4]: (cos, sin) of pairs 2i, 2i + 1 of position pos
 //
-// Work split: partial: groups (n_chunks, n_kv_heads), 256 invocations = 256 keys when scoring (query
-// heads taken 4 at a time); then for the values, hd/2 invocations per key row (two dims each, all 4
-// heads) and 256/(hd/2) key groups striding over the chunk's keys: every invocation's value loads are
+// Work split: partial: groups (n_chunks * value_split, n_kv_heads), 256 invocations = 256 keys when
+// scoring (query heads taken 4 at a time); the value_split workgroups of one (chunk, kv head) all
+// score the chunk (the keys come from L2 for all but the first) and each accumulates hd / value_split
+// of the value dims: with few chunks the value walk is a chain of load latencies on a few SMs (one
+// chunk x 8 kv heads = 8 workgroups), so more workgroups with shorter walks finish sooner; with
+// many chunks the repeated scoring costs more than it saves (ops.decode_value_split: H100, f16
+// ring, split 4: context 150 14.6 -> 12.3 us, 1024 28.4 -> 22.1, but 8192 57.9 -> 98). For the
+// values, hd/(2 value_split) invocations per key row (two dims each, all 4
+// heads) and 256 / that many key groups striding over the chunk's keys: every invocation's value loads are
 // independent and coalesced along the row, and the key groups' partial sums are added in workgroup
 // memory at the end; each invocation issues four keys' loads before using any. (A tiled copy of
 // values into workgroup memory, or one invocation walking all keys per dim, both serialise on load
@@ -38,12 +53,13 @@ struct Params {
     q_off: u32,
     o_off: u32,
     scale: f32,
+    value_split: u32,  // workgroups per (chunk, kv head); hd / value_split is even
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> kc: array<vec2<u32>>;
-@group(0) @binding(3) var<storage, read> vc: array<u32>;
+@group(0) @binding(2) var<storage, read_write> kc: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read_write> vc: array<u32>;
 
 override KV_F16: bool = false;
 // head_dim as a pipeline constant (must equal p.head_dim): the score loop over hd/4 key vectors and
@@ -59,6 +75,43 @@ fn key4(i4: u32) -> vec4<f32> {  // key elements 4*i4 .. 4*i4+3
     return bitcast<vec4<f32>>(vec4<u32>(kc[2u * i4], kc[2u * i4 + 1u]));
 }
 
+const F16_MAX: f32 = 65504.0;
+
+// (a, b) <- (a cos - b sin, a sin + b cos) on the pairs (x, y) and (z, w); t = (cos0, sin0, cos1, sin1)
+fn rotate4(v: vec4<f32>, t: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(v.x * t.x - v.y * t.y, v.x * t.y + v.y * t.x, v.z * t.z - v.w * t.w, v.z * t.w + v.w * t.z);
+}
+
+fn stored2(v: vec2<f32>) -> vec2<f32> {  // what the ring gives back for v
+    if (KV_F16) {
+        return unpack2x16float(pack2x16float(clamp(v, vec2<f32>(-F16_MAX), vec2<f32>(F16_MAX))));
+    }
+    return v;
+}
+
+fn row_key4(k_row: u32, d: u32) -> vec4<f32> {  // the step's own key, elements 4d .. 4d+3, as stored
+    let r = rotate4(q[k_row + d], table[d]);
+    return vec4<f32>(stored2(r.xy), stored2(r.zw));
+}
+
+fn store_key4(i4: u32, v: vec4<f32>) {  // v as stored2 gave it: f16 packing is exact
+    if (KV_F16) {
+        kc[i4] = vec2<u32>(pack2x16float(v.xy), pack2x16float(v.zw));
+    } else {
+        kc[2u * i4] = bitcast<vec2<u32>>(v.xy);
+        kc[2u * i4 + 1u] = bitcast<vec2<u32>>(v.zw);
+    }
+}
+
+fn store_v_pair(i: u32, v: vec2<f32>) {  // elements i, i + 1 (i even), v as stored2 gave it
+    if (KV_F16) {
+        vc[i / 2u] = pack2x16float(v);
+    } else {
+        vc[i] = bitcast<u32>(v.x);
+        vc[i + 1u] = bitcast<u32>(v.y);
+    }
+}
+
 fn v_pair(i: u32) -> vec2<f32> {  // value elements i, i + 1 (i even)
     if (KV_F16) {
         return unpack2x16float(vc[i / 2u]);
@@ -67,6 +120,7 @@ fn v_pair(i: u32) -> vec2<f32> {  // value elements i, i + 1 (i even)
 }
 @group(0) @binding(4) var<storage, read_write> part: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
+@group(0) @binding(6) var<storage, read> table: array<vec4<f32>>;
 
 const CHUNK: u32 = 256u;
 const HB: u32 = 4u;  // query heads per pass
@@ -99,9 +153,11 @@ fn first_key() -> u32 {
 
 @compute @workgroup_size(256)
 fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
-    let c = wid.x;
+    let c = wid.x / p.value_split;
+    let vsplit = wid.x % p.value_split;
     let kvh = wid.y;
     let hd = HEAD_DIM;
+    let dv = hd / p.value_split;  // value dims of this workgroup: vsplit * dv ..
     let hd4 = hd / 4u;
     let group = p.n_heads / p.n_kv_heads;
     let kv_w4 = p.n_kv_heads * hd4;
@@ -109,6 +165,9 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     let n_keys = min(CHUNK, p.pos + 1u - k0);
     let j = k0 + tid;
     let slot = j % p.cap;
+    let has_row = k0 + n_keys - 1u == p.pos;  // this chunk ends with the step's own key (the last chunk)
+    let q4 = p.q_off / 4u;
+    let k_row = q4 + (p.n_heads + kvh) * hd4;  // this kv head's k in the qkv row (vec4 index)
     for (var h0 = 0u; h0 < group; h0 += HB) {
         let nh = min(HB, group - h0);
         // stage the (up to) 4 query heads of this pass
@@ -116,9 +175,18 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             let hh = i / hd4;
             var v = vec4<f32>(0.0);
             if (hh < nh) {
-                v = q[p.q_off / 4u + (kvh * group + h0 + hh) * hd4 + i % hd4];
+                v = rotate4(q[q4 + (kvh * group + h0 + hh) * hd4 + i % hd4], table[i % hd4]);
             }
             qs[i] = v;
+        }
+        // the step's own key, rotated and rounded as stored, into prob (free until the softmax), by
+        // hd/4 invocations at once; one workgroup per kv head also appends it to the ring
+        if (has_row && tid < hd4) {
+            let kv = row_key4(k_row, tid);
+            prob[tid] = kv;
+            if (vsplit == 0u && h0 == 0u) {
+                store_key4((p.pos % p.cap) * kv_w4 + kvh * hd4 + tid, kv);
+            }
         }
         workgroupBarrier();
         // scores: invocation tid scores key k0 + tid against the 4 heads
@@ -126,8 +194,9 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         if (tid < n_keys) {
             var acc = vec4<f32>(0.0);
             let kb = slot * kv_w4 + kvh * hd4;
+            let own = j == p.pos;  // one loop for all (a separate loop for this key ran ~4 us longer)
             for (var d = 0u; d < hd4; d++) {
-                let kv = key4(kb + d);
+                let kv = select(key4(kb + d), prob[d], own);
                 acc += vec4<f32>(dot(qs[d], kv), dot(qs[hd4 + d], kv), dot(qs[2u * hd4 + d], kv),
                                  dot(qs[3u * hd4 + d], kv));
             }
@@ -162,7 +231,7 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         // dims 2*lane and 2*lane + 1 of all 4 heads. Each invocation's value loads are independent
         // (no per-key barrier or tile copy), then the key groups' partial sums meet in vt.
         let kv_w = p.n_kv_heads * hd;
-        let np = hd / 2u;  // invocations per key row
+        let np = dv / 2u;  // invocations per key row
         let ng = 256u / np;  // key groups
         let kg = tid / np;
         let lane = tid - kg * np;
@@ -170,9 +239,10 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         var a1 = vec4<f32>(0.0);  // dim 2*lane + 1
         if (kg < ng) {
             let s0 = k0 % p.cap;
-            let col = kvh * hd + 2u * lane;
+            let col = kvh * hd + vsplit * dv + 2u * lane;
+            let n_ring = n_keys - select(0u, 1u, has_row);  // the row's own value is not in the ring yet
             var i = kg;
-            for (; i + 3u * ng < n_keys; i += 4u * ng) {  // four keys' loads in flight
+            for (; i + 3u * ng < n_ring; i += 4u * ng) {  // four keys' loads in flight
                 let va = v_pair(wrap(s0 + i) * kv_w + col);
                 let vb = v_pair(wrap(s0 + i + ng) * kv_w + col);
                 let vc2 = v_pair(wrap(s0 + i + 2u * ng) * kv_w + col);
@@ -184,11 +254,22 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
                 a0 += pa * va.x + pb * vb.x + pc * vc2.x + pd * vd.x;
                 a1 += pa * va.y + pb * vb.y + pc * vc2.y + pd * vd.y;
             }
-            for (; i < n_keys; i += ng) {
+            for (; i < n_ring; i += ng) {
                 let v2 = v_pair(wrap(s0 + i) * kv_w + col);
                 let pr = prob[i];
                 a0 += pr * v2.x;
                 a1 += pr * v2.y;
+            }
+            if (has_row && kg == 0u) {  // key group 0 adds the row's own value and stores its dims of it
+                let e = p.q_off + (p.n_heads + p.n_kv_heads) * hd + col;  // v of the qkv row, even
+                let v4 = q[e / 4u];
+                let v2 = stored2(select(v4.xy, v4.zw, (e & 2u) != 0u));
+                let pr = prob[n_ring];
+                a0 += pr * v2.x;
+                a1 += pr * v2.y;
+                if (h0 == 0u) {
+                    store_v_pair((p.pos % p.cap) * kv_w + col, v2);
+                }
             }
             let o = (kg * np + lane) * 8u;
             vt[o] = a0.x; vt[o + 1u] = a0.y; vt[o + 2u] = a0.z; vt[o + 3u] = a0.w;
@@ -196,14 +277,15 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         }
         workgroupBarrier();
         // sum the key groups: output element e = (head hh, dim d) of this pass
-        for (var e = tid; e < nh * hd; e += 256u) {
-            let hh = e / hd;
-            let d = e - hh * hd;
-            let idx = d * 4u + hh;  // within one key group's np * 8 floats: [dim][head]
+        for (var e = tid; e < nh * dv; e += 256u) {
+            let hh = e / dv;
+            let dl = e - hh * dv;
+            let idx = dl * 4u + hh;  // within one key group's np * 8 floats: [dim][head]
             var acc = 0.0;
             for (var g = 0u; g < ng; g++) {
                 acc += vt[g * np * 8u + idx];
             }
+            let d = vsplit * dv + dl;
             let h = kvh * group + h0 + hh;
             if (p.n_chunks == 1u) {
                 out[p.o_off + h * hd + d] = acc / l[hh];  // what merge would write
@@ -211,7 +293,7 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
                 part[(h * p.n_chunks + c) * (hd + 2u) + 2u + d] = acc;
             }
         }
-        if (tid < nh) {
+        if (tid < nh && vsplit == 0u) {
             let pb = ((kvh * group + h0 + tid) * p.n_chunks + c) * (hd + 2u);
             part[pb] = m[tid];
             part[pb + 1u] = l[tid];

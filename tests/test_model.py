@@ -223,12 +223,15 @@ def test_close_before_decoding_sizes_decoder_ring_once(tiny_model, gpu):
 def test_replayed_decode_steps_equal_the_op_by_op_graph(tiny_model, monkeypatch, spec, seconds):
     """Decode steps replayed from the first step's recording (model.STEP_REPLAY) give bit-identical
     caches and ids to running the ops one by one: across the decoder ring growing (256 -> 512 slots,
-    a new recording), multi-chunk split-K attention (context > 256), the ring and the token ring
-    wrapping (small window; token ring shrunk to 128)."""
+    a new recording), multi-chunk split-K attention (context > 256) with its value split changing from
+    4 to 2 workgroups per (chunk, kv head) there, the ring and the token ring wrapping (small window;
+    token ring shrunk to 128)."""
     import voxtral_wgpu.model as model_mod
+    from voxtral_wgpu import ops
 
     model, ref = tiny_model(spec, 480)
     monkeypatch.setattr(model_mod, "TOKEN_RING", 128)
+    monkeypatch.setattr(ops, "DECODE_SPLIT_GROUPS", 4 * spec.dec_kv_heads)
     mel = ref.mel(ref.pad(speechlike_audio(seconds, seed=5)))
     out = {}
     for replay in (False, True):

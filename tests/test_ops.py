@@ -584,10 +584,12 @@ def read_kv(S, buf, cap, width, kv_f16):
 
 
 def run_rope_qkv_attention(gpu, S, *, n_heads, n_kv_heads, head_dim, window, chunks, start=0, cap=None,
-                           kv_f16=False, decode=True, ld_extra=0, off=0, o_off=0, theta=1e6, scale=1.0, seed=0):
+                           kv_f16=False, decode=True, ld_extra=0, off=0, o_off=0, theta=1e6, scale=1.0, q_scale=1.0,
+                           seed=0):
     """The graph's attention block on a fused qkv row block: ``rope_qkv`` rotates q in place and appends
-    rotated k and v to the ring (f32 or f16), then ``attention`` (split-K decode kernel for single rows
-    when ``decode``) reads it. Checks q, every written ring slot and every chunk's output against NumPy."""
+    rotated k and v to the ring (f32 or f16), then ``attention`` reads it; single rows with ``decode``
+    (and an aligned row) take ``decode_attention`` instead, which does both in one split-K pass and
+    leaves the row as it was. Checks q, every written ring slot and every chunk's output against NumPy."""
     rng = np.random.default_rng(seed)
     nq, width = n_heads * head_dim, n_kv_heads * head_dim
     cols = nq + 2 * width
@@ -602,17 +604,34 @@ def run_rope_qkv_attention(gpu, S, *, n_heads, n_kv_heads, head_dim, window, chu
             positions = np.arange(p0, p0 + rows)
             length = off + (rows - 1) * ld + cols + 3
             full = (scale * rng.standard_normal(length)).astype(np.float32)
+            for r in range(rows):
+                full[off + r * ld:off + r * ld + nq] *= np.float32(q_scale)
             X = strided_rows(full, rows, cols, ld, off)
             S.put(S.b, ops.rope_table(positions, head_dim, theta))
             S.put(S.x, full)
             qkv = Mat(S.x, rows, cols, ld, off)
-            ops.rope_qkv(gpu, S.b, qkv, S.w0, S.w1, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
-                         pos0=p0, cap=cap, kv_f16=kv_f16)
-            what = f"rope_qkv heads={n_heads}/{n_kv_heads} d={head_dim} f16={kv_f16} pos0={p0} rows={rows}"
-            got = S.get(S.x, length)
+            fused = decode and attend and rows == 1 and off % 4 == 0
+            what = (f"{'decode_attention' if fused else 'rope_qkv'} heads={n_heads}/{n_kv_heads} d={head_dim} "
+                    f"f16={kv_f16} pos0={p0} rows={rows}")
             q_rot = ref.rope(X[:, :nq], positions, n_heads, head_dim, theta)
-            q_tol = (2e-6 + 1e-15 * int(positions[-1])) * (1 + np.abs(q_rot) + np.abs(X[:, :nq]).max())
-            assert_close(strided_rows(got, rows, nq, ld, off), q_rot, q_tol, what + " q")
+            o_len = o_off + rows * nq + 2
+            ofull = rng.standard_normal(o_len).astype(np.float32)
+            S.put(S.y, ofull)
+            out_mat = Mat(S.y, rows, nq, nq, o_off)
+            if fused:
+                ops.decode_attention(gpu, S.b, qkv, S.w0, S.w1, out_mat, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                     head_dim=head_dim, pos0=p0, window=window, cap=cap, scratch=scratch,
+                                     kv_f16=kv_f16)
+                got = S.get(S.x, length)
+                assert np.array_equal(got.view(np.uint32), full.view(np.uint32)), what + " changed the qkv row"
+                Q = q_rot  # the kernel rotates q as it reads it
+            else:
+                ops.rope_qkv(gpu, S.b, qkv, S.w0, S.w1, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                             pos0=p0, cap=cap, kv_f16=kv_f16)
+                got = S.get(S.x, length)
+                q_tol = (2e-6 + 1e-15 * int(positions[-1])) * (1 + np.abs(q_rot) + np.abs(X[:, :nq]).max())
+                assert_close(strided_rows(got, rows, nq, ld, off), q_rot, q_tol, what + " q")
+                Q = strided_rows(got, rows, nq, ld, off)  # the rotated q the kernel read
             k_want = ref.rope(X[:, nq:nq + width], positions, n_kv_heads, head_dim, theta)
             v_want = X[:, nq + width:].astype(np.float64)
             if kv_f16:  # stores clamp to the finite f16 range
@@ -628,14 +647,10 @@ def run_rope_qkv_attention(gpu, S, *, n_heads, n_kv_heads, head_dim, window, chu
                 keys[int(p)], values[int(p)] = kc[slots[r]], vc[slots[r]]
             if not attend:
                 return
-            o_len = o_off + rows * nq + 2
-            ofull = rng.standard_normal(o_len).astype(np.float32)
-            S.put(S.y, ofull)
-            ops.attention(gpu, qkv.cols_(0, nq), S.w0, S.w1, Mat(S.y, rows, nq, nq, o_off), n_heads=n_heads,
-                          n_kv_heads=n_kv_heads, head_dim=head_dim, pos0=p0, window=window, cap=cap,
-                          scratch=scratch, kv_f16=kv_f16)
+            if not fused:
+                ops.attention(gpu, qkv.cols_(0, nq), S.w0, S.w1, out_mat, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                              head_dim=head_dim, pos0=p0, window=window, cap=cap, kv_f16=kv_f16)
             out = S.get(S.y, o_len)
-            Q = strided_rows(got, rows, nq, ld, off)  # the rotated q the kernel read
             want = ref.attention(Q, keys, values, range(p0, p0 + rows), n_heads, n_kv_heads, head_dim, window)
             assert_close(strided_rows(out, rows, nq, nq, o_off), want, 2e-5 * (1 + np.abs(want)), what + " attention")
             assert_untouched(out, ofull, strided_mask(o_len, rows, nq, nq, o_off), what)
@@ -657,7 +672,7 @@ def run_rope_qkv_attention(gpu, S, *, n_heads, n_kv_heads, head_dim, window, chu
 def test_rope_qkv_attention_ring(gpu, S, kv_f16, groups, head_dim):
     """Prefill chunks and single decode rows (split-K kernel) over a small wrapping ring, strided qkv."""
     run_rope_qkv_attention(gpu, S, n_heads=2 * groups, n_kv_heads=2, head_dim=head_dim, window=6,
-                           chunks=[5, 1, 7, 1, 1, 3, 1], kv_f16=kv_f16, ld_extra=3, off=5, o_off=2,
+                           chunks=[5, 1, 7, 1, 1, 3, 1], kv_f16=kv_f16, ld_extra=3, off=4, o_off=2,
                            seed=groups * head_dim + kv_f16)
 
 
@@ -669,12 +684,31 @@ def test_decode_attention_long_context(gpu, S, kv_f16, start, window):
                            start=start, kv_f16=kv_f16, seed=start % 1009 + window)
 
 
+@pytest.mark.tuning
+@pytest.mark.parametrize("split", [1, 2, 8])
+def test_decode_attention_value_splits(gpu, S, monkeypatch, split):
+    """attention_decode.wgsl with other VALUE_SPLITs than the default (each workgroup a share of the
+    value dims), over two 256-key chunks and a single one."""
+    monkeypatch.setattr(ops, "DECODE_VALUE_SPLIT", split)
+    assert ops.decode_value_split(64, 2, 2) == split
+    run_rope_qkv_attention(gpu, S, n_heads=8, n_kv_heads=2, head_dim=64, window=300, chunks=[1, 1, 40, 1],
+                           start=250, kv_f16=split == 2, seed=split)
+
+
 def test_rope_qkv_f16_clamps_to_finite(gpu, S):
     """Values past the f16 range are stored as +-65504, never inf (WGSL packing of them is indeterminate)."""
     run_rope_qkv_attention(gpu, S, n_heads=2, n_kv_heads=1, head_dim=16, window=4, chunks=[3, 1], kv_f16=True,
                            scale=3e5, decode=False, seed=7)
     kc = read_kv(S, S.w0, 6, 16, True)
     assert np.isfinite(kc[:4]).all() and (np.abs(kc[:4]) == F16_MAX).any()
+
+
+def test_decode_attention_f16_clamps_to_finite(gpu, S):
+    """decode_attention stores (and attends to) the step's k and v clamped to +-65504 like rope_qkv."""
+    run_rope_qkv_attention(gpu, S, n_heads=2, n_kv_heads=1, head_dim=16, window=8, chunks=[3, 1, 1], kv_f16=True,
+                           scale=3e5, q_scale=1e-9, seed=8)
+    kc, vc = read_kv(S, S.w0, 10, 16, True), read_kv(S, S.w1, 10, 16, True)
+    assert np.isfinite(kc[3:5]).all() and (np.abs(kc[3:5]) == F16_MAX).any() and (np.abs(vc[3:5]) == F16_MAX).any()
 
 
 # ------------------------------------------------------------------------------------------ swiglu

@@ -372,11 +372,15 @@ class Session:
         att, f1, f3 = Mat.of(st.att, rows, dq), Mat.of(st.f1, rows, d.hidden_dim), Mat.of(st.f3, rows, d.hidden_dim)
         for i, layer in enumerate(w.dec_layers):
             ops.qkv_proj(g, x, layer.wq, layer.wk, layer.wv, qkv, norm=layer.attention_norm, eps=d.norm_eps, scratch=xb)
-            ops.rope_qkv(g, st.rope, qkv, st.k_cache[i], st.v_cache[i], n_heads=d.n_heads, n_kv_heads=d.n_kv_heads,
-                         head_dim=d.head_dim, pos0=p0, cap=st.cap, kv_f16=self.kv_f16)
-            ops.attention(g, qkv.cols_(0, dq), st.k_cache[i], st.v_cache[i], att, n_heads=d.n_heads,
-                          n_kv_heads=d.n_kv_heads, head_dim=d.head_dim, pos0=p0, window=d.sliding_window, cap=st.cap,
-                          scratch=st.part, kv_f16=self.kv_f16)
+            heads = dict(n_heads=d.n_heads, n_kv_heads=d.n_kv_heads, head_dim=d.head_dim)
+            if rows == 1:  # decode: one kernel rotates q and k, appends k and v to the rings and attends
+                ops.decode_attention(g, st.rope, qkv, st.k_cache[i], st.v_cache[i], att, **heads, pos0=p0,
+                                     window=d.sliding_window, cap=st.cap, scratch=st.part, kv_f16=self.kv_f16)
+            else:
+                ops.rope_qkv(g, st.rope, qkv, st.k_cache[i], st.v_cache[i], **heads, pos0=p0, cap=st.cap,
+                             kv_f16=self.kv_f16)
+                ops.attention(g, qkv.cols_(0, dq), st.k_cache[i], st.v_cache[i], att, **heads, pos0=p0,
+                              window=d.sliding_window, cap=st.cap, kv_f16=self.kv_f16)
             ops.linear(g, att, layer.wo, x, accumulate=True)
             # the FFN norm weight carries the delay's ada scale (spec §5.1)
             ops.swiglu_ffn_in(g, x, layer.w1, layer.w3, f1, norm=self.ffn_norms[i], eps=d.norm_eps, scratch=xb, tmp=f3)
@@ -412,8 +416,8 @@ class Session:
         """What differs between decode steps (the ``step=`` Params fields of the ops in ``_decoder_rows``)."""
         st, d = self.dec, self.cfg.decoder
         return {"token_slot": p % TOKEN_RING, "next_token_slot": (p + 1) % TOKEN_RING, "audio_slot": p % st.acap,
-                "kv_slot": p % st.cap,
-                **ops.decode_attention_values(p, window=d.sliding_window, cap=st.cap, n_heads=d.n_heads)}
+                **ops.decode_attention_values(p, window=d.sliding_window, cap=st.cap, n_heads=d.n_heads,
+                                              n_kv_heads=d.n_kv_heads, head_dim=d.head_dim)}
 
     def decode(self) -> list[int]:
         """Run every decoder step whose audio embedding exists; return the newly generated ids."""

@@ -233,7 +233,7 @@ def rope_qkv(gpu: Gpu, table, qkv: Mat, k_cache, v_cache, *, n_heads: int, n_kv_
     k = gpu.kernel("rope_qkv", "rope_qkv", KV_F16=kv_f16)
     n = qkv.rows * (n_heads + n_kv_heads) * (head_dim // 2)
     gpu.dispatch(k, pack_params(qkv.rows, n_heads, n_kv_heads, head_dim, qkv.ld, qkv.off, pos0 % cap, cap),
-                 [table, qkv.buf, k_cache, v_cache], _flat_groups(n), step=((6, "kv_slot"),))
+                 [table, qkv.buf, k_cache, v_cache], _flat_groups(n))
 
 
 def rms_norm(gpu: Gpu, x: Mat, g, y: Mat, eps: float) -> None:
@@ -262,6 +262,17 @@ def kv_write(gpu: Gpu, k_new: Mat, v_new: Mat, k_cache, v_cache, pos0: int, cap:
 
 
 DECODE_CHUNK = 256  # keys per workgroup of attention_decode.wgsl
+DECODE_VALUE_SPLIT = 4  # at most this many workgroups per (chunk, kv head), each a share of the value dims
+DECODE_SPLIT_GROUPS = 128  # ... while the partial pass stays within this many workgroups
+
+
+def decode_value_split(head_dim: int, n_chunks: int, n_kv_heads: int) -> int:
+    """attention_decode.wgsl's value_split: DECODE_VALUE_SPLIT, halved until each share is an even
+    number of dims and the pass has at most DECODE_SPLIT_GROUPS workgroups (or the split is 1)."""
+    split = DECODE_VALUE_SPLIT
+    while split > 1 and (head_dim % (2 * split) or n_chunks * n_kv_heads * split > DECODE_SPLIT_GROUPS):
+        split //= 2
+    return split
 
 
 def decode_attention_scratch(gpu: Gpu, n_heads: int, head_dim: int, max_keys: int):
@@ -275,40 +286,53 @@ def _shader_pos(pos0: int, window: int, cap: int) -> int:
     return pos0 - (((pos0 - window) // cap) * cap if pos0 >= (1 << 30) else 0)
 
 
-def decode_attention_values(pos0: int, *, window: int, cap: int, n_heads: int) -> dict:
+def decode_attention_values(pos0: int, *, window: int, cap: int, n_heads: int, n_kv_heads: int,
+                            head_dim: int) -> dict:
     """The step values (``Gpu.dispatch(step=...)``) of a decode attention at position ``pos0``."""
     pos = _shader_pos(pos0, window, cap)
     n_chunks = -(-min(pos + 1, window) // DECODE_CHUNK)
-    return {"attn_pos": pos, "attn_chunks": n_chunks, "attn_merge_groups": n_heads if n_chunks > 1 else 0}
+    split = decode_value_split(head_dim, n_chunks, n_kv_heads)
+    return {"attn_pos": pos, "attn_chunks": n_chunks, "attn_split": split, "attn_groups": n_chunks * split,
+            "attn_merge_groups": n_heads if n_chunks > 1 else 0}
 
 
 def attention(gpu: Gpu, q: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_kv_heads: int, head_dim: int,
-              pos0: int, window: int, cap: int, scratch=None, kv_f16: bool = False) -> None:
+              pos0: int, window: int, cap: int, kv_f16: bool = False) -> None:
     """Causal sliding-window attention of ``q [rows, n_heads*head_dim]`` (positions pos0..) over the
     ring cache (f32, or f16 pairs with ``kv_f16``, as ``rope_qkv`` wrote it); writes
-    ``out [rows, n_heads*head_dim]``. A single row with ``scratch`` (see ``decode_attention_scratch``)
-    takes the split-K decode kernel."""
+    ``out [rows, n_heads*head_dim]``."""
     assert head_dim <= 256 and n_heads % n_kv_heads == 0
     assert pos0 + q.rows <= cap or cap >= window + q.rows - 1, "KV ring too small for this many rows"
     pos = _shader_pos(pos0, window, cap)
-    if q.rows == 1 and scratch is not None and head_dim % 4 == 0 and q.off % 4 == 0:
-        v = decode_attention_values(pos0, window=window, cap=cap, n_heads=n_heads)
-        assert scratch.size >= 4 * n_heads * v["attn_chunks"] * (head_dim + 2), "decode attention scratch too small"
-        params = pack_params(n_heads, n_kv_heads, head_dim, pos, window, cap, v["attn_chunks"], q.off, out.off,
-                             float(head_dim) ** -0.5)
-        bufs = [q.buf, k_cache, v_cache, scratch, out.buf]
-        step = ((3, "attn_pos"), (6, "attn_chunks"))
-        gpu.dispatch(gpu.kernel("attention_decode", "partial", KV_F16=kv_f16, HEAD_DIM=head_dim), params, bufs,
-                     (v["attn_chunks"], n_kv_heads), step=step, step_groups="attn_chunks")
-        # one chunk: partial wrote the output and merge runs on 0 workgroups (no dispatch)
-        gpu.dispatch(gpu.kernel("attention_decode", "merge", KV_F16=kv_f16, HEAD_DIM=head_dim), params, bufs,
-                     (v["attn_merge_groups"], 1), step=step, step_groups="attn_merge_groups")
-        return
     k = gpu.kernel("attention", "attention", KV_F16=kv_f16)
     params = pack_params(q.rows, n_heads, n_kv_heads, head_dim, pos, window, cap, q.ld, q.off,
                          out.ld, out.off, float(head_dim) ** -0.5)
     rows_per_block = min(16, 1024 // head_dim)  # attention.wgsl's R
     gpu.dispatch(k, params, [q.buf, k_cache, v_cache, out.buf], groups_2d(-(-q.rows // rows_per_block) * n_heads))
+
+
+def decode_attention(gpu: Gpu, table, qkv: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_kv_heads: int,
+                     head_dim: int, pos0: int, window: int, cap: int, scratch, kv_f16: bool = False) -> None:
+    """``rope_qkv`` + ``attention`` for one decode row in one split-K pass (attention_decode.wgsl):
+    rotates the q and k heads of ``qkv [1, (n_heads + 2 n_kv) * head_dim]`` (``table [1, hd/2, 2]``,
+    position pos0) as it reads them, appends k and v to the rings at slot ``pos0 % cap`` and writes
+    ``out [1, n_heads*head_dim]``; qkv is left as it was. ``scratch``: ``decode_attention_scratch``."""
+    assert qkv.rows == 1 and qkv.cols == (n_heads + 2 * n_kv_heads) * head_dim and qkv.off % 4 == 0
+    assert head_dim <= 256 and head_dim % 4 == 0 and n_heads % n_kv_heads == 0
+    assert pos0 + 1 <= cap or cap >= window, "KV ring too small for the window"
+    pos = _shader_pos(pos0, window, cap)
+    v = decode_attention_values(pos0, window=window, cap=cap, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                head_dim=head_dim)
+    assert scratch.size >= 4 * n_heads * v["attn_chunks"] * (head_dim + 2), "decode attention scratch too small"
+    params = pack_params(n_heads, n_kv_heads, head_dim, pos, window, cap, v["attn_chunks"], qkv.off, out.off,
+                         float(head_dim) ** -0.5, v["attn_split"])
+    bufs = [qkv.buf, k_cache, v_cache, scratch, out.buf, table]
+    step = ((3, "attn_pos"), (6, "attn_chunks"), (10, "attn_split"))
+    gpu.dispatch(gpu.kernel("attention_decode", "partial", KV_F16=kv_f16, HEAD_DIM=head_dim), params, bufs,
+                 (v["attn_groups"], n_kv_heads), step=step, step_groups="attn_groups")
+    # one chunk: partial wrote the output and merge runs on 0 workgroups (no dispatch)
+    gpu.dispatch(gpu.kernel("attention_decode", "merge", KV_F16=kv_f16, HEAD_DIM=head_dim), params, bufs,
+                 (v["attn_merge_groups"], 1), step=step, step_groups="attn_merge_groups")
 
 
 def swiglu(gpu: Gpu, a: Mat, b: Mat) -> None:

@@ -414,8 +414,13 @@ export class Session {
     const att = Mat.of(st.att, rows, dq), f1 = Mat.of(st.f1, rows, d.hidden_dim), f3 = Mat.of(st.f3, rows, d.hidden_dim);
     w.decLayers.forEach((layer, i) => {
       ops.qkvProj(g, x, layer.wq, layer.wk, layer.wv, qkv, { norm: layer.attention_norm, eps: d.norm_eps, scratch: xb });
-      ops.ropeQkv(g, st.rope, qkv, st.kCache[i], st.vCache[i], { nHeads: d.n_heads, nKvHeads: d.n_kv_heads, headDim: d.head_dim, pos0: p0, cap: st.cap, kvF16: this.kvF16 });
-      ops.attention(g, qkv.cols_(0, dq), st.kCache[i], st.vCache[i], att, { nHeads: d.n_heads, nKvHeads: d.n_kv_heads, headDim: d.head_dim, pos0: p0, window: d.sliding_window, cap: st.cap, scratch: st.part, kvF16: this.kvF16 });
+      const heads = { nHeads: d.n_heads, nKvHeads: d.n_kv_heads, headDim: d.head_dim };
+      if (rows === 1) { // decode: one kernel rotates q and k, appends k and v to the rings and attends
+        ops.decodeAttention(g, st.rope, qkv, st.kCache[i], st.vCache[i], att, { ...heads, pos0: p0, window: d.sliding_window, cap: st.cap, scratch: st.part, kvF16: this.kvF16 });
+      } else {
+        ops.ropeQkv(g, st.rope, qkv, st.kCache[i], st.vCache[i], { ...heads, pos0: p0, cap: st.cap, kvF16: this.kvF16 });
+        ops.attention(g, qkv.cols_(0, dq), st.kCache[i], st.vCache[i], att, { ...heads, pos0: p0, window: d.sliding_window, cap: st.cap, kvF16: this.kvF16 });
+      }
       ops.linear(g, att, layer.wo, x, { accumulate: true });
       ops.swigluFfnIn(g, x, layer.w1, layer.w3, f1, { norm: this.ffnNorms[i], eps: d.norm_eps, scratch: xb, tmp: f3 });
       ops.linear(g, f1, layer.w2, x, { accumulate: true });

@@ -150,28 +150,40 @@ export function rmsNorm(gpu, x, g, y, eps) {
 }
 
 export const DECODE_CHUNK = 256;
+export const DECODE_VALUE_SPLIT = 4; // ops.py's: at most this many workgroups per (chunk, kv head), each a share of the value dims
+export const DECODE_SPLIT_GROUPS = 128; // ... while the partial pass stays within this many workgroups
+
+export function decodeValueSplit(headDim, nChunks, nKvHeads) {
+  let split = DECODE_VALUE_SPLIT;
+  while (split > 1 && (headDim % (2 * split) || nChunks * nKvHeads * split > DECODE_SPLIT_GROUPS)) split /= 2;
+  return split;
+}
 
 export function decodeAttentionScratch(gpu, nHeads, headDim, maxKeys) {
   return gpu.empty(4 * nHeads * cdiv(maxKeys, DECODE_CHUNK) * (headDim + 2), "attention.part");
 }
 
-export function attention(gpu, q, kCache, vCache, out, { nHeads, nKvHeads, headDim, pos0, window, cap, scratch = null, kvF16 = false }) {
+export function attention(gpu, q, kCache, vCache, out, { nHeads, nKvHeads, headDim, pos0, window, cap, kvF16 = false }) {
   const base = pos0 >= 2 ** 30 ? Math.floor((pos0 - window) / cap) * cap : 0;
   const pos = pos0 - base;
-  const scale = f(headDim ** -0.5);
-  if (q.rows === 1 && scratch && headDim % 4 === 0 && q.off % 4 === 0) {
-    const nKeys = Math.min(pos + 1, window);
-    const nChunks = cdiv(nKeys, DECODE_CHUNK);
-    const params = packParams(nHeads, nKvHeads, headDim, pos, window, cap, nChunks, q.off, out.off, scale);
-    const bufs = [q.buf, kCache, vCache, scratch, out.buf];
-    gpu.dispatch(gpu.kernel("attention_decode", "partial", { KV_F16: kvF16, HEAD_DIM: headDim }), params, bufs, [nChunks, nKvHeads]);
-    if (nChunks > 1) gpu.dispatch(gpu.kernel("attention_decode", "merge", { KV_F16: kvF16, HEAD_DIM: headDim }), params, bufs, [nHeads, 1]); // one chunk: partial wrote it
-    return;
-  }
   const k = gpu.kernel("attention", "attention", { KV_F16: kvF16 });
-  const params = packParams(q.rows, nHeads, nKvHeads, headDim, pos, window, cap, q.ld, q.off, out.ld, out.off, scale);
+  const params = packParams(q.rows, nHeads, nKvHeads, headDim, pos, window, cap, q.ld, q.off, out.ld, out.off, f(headDim ** -0.5));
   const rowsPerBlock = Math.min(16, Math.floor(1024 / headDim)); // attention.wgsl's R
   gpu.dispatch(k, params, [q.buf, kCache, vCache, out.buf], groups2d(Math.ceil(q.rows / rowsPerBlock) * nHeads));
+}
+
+/** ropeQkv + attention for one decode row in one split-K pass (ops.py's decode_attention): rotates q and
+ *  k as it reads them, appends k and v at slot pos0 % cap, leaves the qkv row as it was. */
+export function decodeAttention(gpu, table, qkv, kCache, vCache, out, { nHeads, nKvHeads, headDim, pos0, window, cap, scratch, kvF16 = false }) {
+  if (qkv.rows !== 1 || qkv.off % 4 !== 0 || headDim % 4 !== 0) throw new Error("decodeAttention: one aligned qkv row");
+  const base = pos0 >= 2 ** 30 ? Math.floor((pos0 - window) / cap) * cap : 0;
+  const pos = pos0 - base;
+  const nChunks = cdiv(Math.min(pos + 1, window), DECODE_CHUNK);
+  const split = decodeValueSplit(headDim, nChunks, nKvHeads);
+  const params = packParams(nHeads, nKvHeads, headDim, pos, window, cap, nChunks, qkv.off, out.off, f(headDim ** -0.5), split);
+  const bufs = [qkv.buf, kCache, vCache, scratch, out.buf, table];
+  gpu.dispatch(gpu.kernel("attention_decode", "partial", { KV_F16: kvF16, HEAD_DIM: headDim }), params, bufs, [nChunks * split, nKvHeads]);
+  if (nChunks > 1) gpu.dispatch(gpu.kernel("attention_decode", "merge", { KV_F16: kvF16, HEAD_DIM: headDim }), params, bufs, [nHeads, 1]); // one chunk: partial wrote it
 }
 
 export function swiglu(gpu, a, b) {
