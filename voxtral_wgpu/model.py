@@ -28,7 +28,7 @@ CONV0_CONTEXT = 3  # mel frames carried into a chunk: conv0 (k3, left pad 2) + o
 MAX_CHUNK_POSITIONS = 32  # default positions per encoder batch (128 encoder rows); larger inputs are split
 OFFLINE_CHUNK_POSITIONS = 128  # whole files: bigger encoder batches keep the GPU busy (512 rows)
 TOKEN_RING = 4096  # token-id ring on the GPU (prompt + generated), read back every READBACK_STEPS
-READBACK_STEPS = 16
+READBACK_STEPS = 16  # ... each copy taken READBACK_STEPS steps after it was recorded, so no read drains the queue
 KV_CACHE_TYPES = ("f32", "f16")
 STEP_REPLAY = True  # decode steps replay the first step's recorded dispatches (Session._decode_step)
 
@@ -169,6 +169,7 @@ class Session:
         self.prefilled = False
         self.total_positions: int | None = None  # known once the input is closed
         self.tokens_read_until = len(self.prompt_ids)  # first decoder position not yet read back
+        self._token_reads: list = []  # (first, last, PendingRead): token-ring copies not yet taken
         self.generated: list[int] = []
         self.done = False
         self.eos = False  # [stream] True when decoding stopped on EOS (not on the position limit)
@@ -258,6 +259,7 @@ class Session:
         self._released = True
         self.done = True
         self._step_plan = None
+        self._token_reads = []
         fields = [v for st in (self.enc, self.dec) for v in vars(st).values()]
         self.gpu.release(*[b for v in fields for b in (v if isinstance(v, list) else [v])
                            if isinstance(b, wgpu.GPUBuffer)])
@@ -436,15 +438,17 @@ class Session:
             if self.total_positions is not None:
                 limit = min(limit, self.total_positions - 1)
             if self.next_pos >= limit:  # nothing runnable until more audio arrives
-                self._read_tokens()
+                self._read_tokens()  # everything up to next_pos (waits for the GPU)
                 if self.total_positions is not None and self.next_pos >= self.total_positions - 1:
                     self.done = True
                 break
             self._decode_step(self.next_pos)
             self.next_pos += 1
             self.gpu.flush()  # let the GPU start this step while the host records the next
-            if self.next_pos - self.tokens_read_until >= READBACK_STEPS:
-                self._read_tokens()
+            if self.next_pos - self._tokens_requested_until() >= READBACK_STEPS:
+                self._request_tokens()
+                if len(self._token_reads) > 1:  # the previous copy ran long ago: no wait
+                    self._take_tokens(*self._token_reads.pop(0))
         return self.generated[n_before:]
 
     def teacher_forced_logits(self, ids: list[int]) -> np.ndarray:
@@ -469,12 +473,27 @@ class Session:
             self.next_pos = p + 1
         return np.stack(out) if out else np.zeros((0, vocab), np.float32)
 
+    def _tokens_requested_until(self) -> int:
+        return self._token_reads[-1][1] + 1 if self._token_reads else self.tokens_read_until
+
+    def _request_tokens(self) -> None:
+        """Record a copy of the token ring for positions not yet requested, up to ``next_pos`` (the
+        token at position p is the output of step p-1), taken later by ``_take_tokens``."""
+        first = self._tokens_requested_until()
+        if self.next_pos >= first:
+            self._token_reads.append((first, self.next_pos, self.gpu.read_later(self.dec.tokens, np.uint32, TOKEN_RING)))
+
     def _read_tokens(self) -> None:
-        """Copy the tokens of positions ``tokens_read_until .. next_pos`` back; stop at EOS."""
-        first, last = self.tokens_read_until, self.next_pos  # token at position p is the output of step p-1
-        if last < first or self.done:
+        """Take the tokens of every position up to ``next_pos`` (waiting for the GPU); stop at EOS."""
+        if not self.done:
+            self._request_tokens()
+        while self._token_reads:
+            self._take_tokens(*self._token_reads.pop(0))
+
+    def _take_tokens(self, first: int, last: int, read) -> None:
+        ring = read.result()
+        if self.done:
             return
-        ring = self.gpu.read(self.dec.tokens, np.uint32, TOKEN_RING)
         ids = [int(ring[p % TOKEN_RING]) for p in range(first, last + 1)]
         self.tokens_read_until = last + 1
         eos = self.model.tokenizer.eos_id
