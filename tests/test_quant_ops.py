@@ -125,6 +125,7 @@ KS = (32, 96, 160, 224)  # 1, 3, 5, 7 blocks per row
 NS = (1, 3, 17, 131)
 
 
+@pytest.mark.tuning
 @pytest.mark.parametrize("dtype", QTYPES)
 @pytest.mark.parametrize("split", SPLITS, ids=lambda s: "x".join(map(str, s)))
 def test_matvec_work_splits(gpu, monkeypatch, dtype, split):
@@ -265,8 +266,10 @@ def _rms(x: np.ndarray, g: np.ndarray, eps: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", QTYPES)
-@pytest.mark.parametrize("split", [None, "staged", (32, 8, 1, 1), (1, 64, 3, 2)],
-                         ids=["default", "staged", "32x8x1x1", "1x64x3x2"])
+@pytest.mark.parametrize("split", [None, *(pytest.param(v, marks=pytest.mark.tuning, id=i) for v, i in
+                                            (("staged", "staged"), ((32, 8, 1, 1), "32x8x1x1"),
+                                             ((1, 64, 3, 2), "1x64x3x2")))],
+                         ids=lambda v: "default" if v is None else None)
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "plain"])
 def test_fused_norm_swiglu_and_qkv_decode_kernels(gpu, monkeypatch, dtype, split, norm):
     """RMSNorm folded into the matvec (on or off; with one input row, x * g staged in workgroup memory
