@@ -24,8 +24,12 @@ def test_page_ids_and_mel_equal_python(tmp_path):
     from run_browser import run_page
 
     exp = build(tmp_path)
-    r = run_page(tmp_path, "test/test.html?return_mel=1", timeout=150)
+    r = run_page(tmp_path, "test/test.html?return_mel=1&shard_checks=1", timeout=150)
     assert r["errors"] == []
+    # fetchShards against sizes that do not match the file: clear errors, never short weights
+    short, long_ = r["shard_checks"]
+    assert "more than the" in short and "truncated or changed download" in short, short
+    assert "bytes of the" in long_ and "truncated or changed download" in long_, long_
     mel = np.fromfile(tmp_path / "mel.f32", "<f4")
     js = np.asarray(r["mel"], np.float32)
     assert js.shape == mel.shape

@@ -4,7 +4,7 @@ runtime compiles, the model's GGUF shards and tekken.json, on one origin.
     voxtral-wgpu web --model MODEL.gguf [--host 127.0.0.1] [--port 8000] [--https]
 
 URL layout: ``/`` -> web/index.html, ``/shaders/NAME.wgsl`` -> shaders/ (never a copy),
-``/model/manifest.json`` -> {"shards": [...], "tokenizer": "..."}, ``/model/FILE`` -> the GGUF file(s)
+``/model/manifest.json`` -> {"shards": [...], "sizes": [bytes per shard], "tokenizer": "...", "bytes": N}, ``/model/FILE`` -> the GGUF file(s)
 and tekken.json. ``--https`` makes a self-signed certificate (getUserMedia needs a secure context
 when the page is opened from another machine)."""
 
@@ -145,9 +145,9 @@ def make_server(model: Path | None, host: str = "127.0.0.1", port: int = 8000, *
         for p in shards:
             files[f"/model/{p.name}"] = p
         files["/model/tekken.json"] = tok
-        extra_json["/model/manifest.json"] = {"shards": [f"model/{p.name}" for p in shards],
-                                              "tokenizer": "model/tekken.json",
-                                              "bytes": sum(p.stat().st_size for p in shards)}
+        sizes = [p.stat().st_size for p in shards]
+        extra_json["/model/manifest.json"] = {"shards": [f"model/{p.name}" for p in shards], "sizes": sizes,
+                                              "tokenizer": "model/tekken.json", "bytes": sum(sizes)}
     return Server((host, port), make_handler(mounts, files, extra_json, on_post))
 
 

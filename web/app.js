@@ -15,13 +15,15 @@ let model = null, tok = null;
 
 async function load() {
   if (!navigator.gpu) { msg("This browser has no WebGPU (navigator.gpu is missing). Use a recent Chrome/Edge, or Firefox/Safari with WebGPU enabled."); return; }
-  const man = await (await fetch("model/manifest.json")).json();
+  const manResp = await fetch("model/manifest.json");
+  if (!manResp.ok) { msg(`No model is served here (model/manifest.json: HTTP ${manResp.status}). Start the page with: voxtral-wgpu web --model MODEL.gguf`); return; }
+  const man = await manResp.json();
   const mem = navigator.deviceMemory;
   if (mem && mem * 2 ** 30 < man.bytes * 1.5) msg(`Warning: this device reports ${mem} GB of memory; the model needs about ${(man.bytes / 2 ** 30).toFixed(1)} GB of GPU memory.`);
   const gpu = await Gpu.create({ shaderBase: "shaders/" });
   if (gpu.maxBuffer < 128 * 2 ** 20) { msg("The WebGPU adapter's buffer limit is too small for this model."); return; }
   const t0 = performance.now();
-  const shards = await fetchShards(man.shards, (d, t) => { $("bar").value = t ? d / t : 0; $("pct").textContent = `${(d / 2 ** 20).toFixed(0)} / ${(t / 2 ** 20).toFixed(0)} MiB`; });
+  const shards = await fetchShards(man.shards, (d, t) => { $("bar").value = t ? d / t : 0; $("pct").textContent = `${(d / 2 ** 20).toFixed(0)} / ${(t / 2 ** 20).toFixed(0)} MiB`; }, { sizes: man.sizes });
   const gf = new GgufFile(shards);
   tok = await Tekken.fetch(man.tokenizer);
   const weights = await loadWeights(gpu, gf, configFromGguf(gf.metadata), (d, t) => { $("pct").textContent = `uploading ${d}/${t}`; });

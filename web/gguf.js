@@ -155,36 +155,58 @@ export function halfToFloat(h) {
 }
 
 /** Fetch a model's shards with progress: url, or url.part-000, -001, ... when the server lists them.
- *  `shardUrls`: explicit list. Each shard is cached with the Cache API when available. */
-export async function fetchShards(shardUrls, onProgress = () => {}, { cacheName = "voxtral-wgpu-model" } = {}) {
+ *  `shardUrls`: explicit list; `sizes`: their byte counts when known (the server's manifest), else
+ *  each shard's HEAD Content-Length. Each shard is cached with the Cache API when available; a shard
+ *  whose bytes do not add up to its size is an error (a cached one is dropped and fetched again), so a
+ *  truncated download or a stale cache entry never becomes weights. */
+export async function fetchShards(shardUrls, onProgress = () => {}, { cacheName = "voxtral-wgpu-model", sizes = null } = {}) {
   const cache = (typeof caches !== "undefined" && location.protocol !== "http:" || location.hostname === "127.0.0.1" || location.hostname === "localhost")
     ? await caches.open(cacheName).catch(() => null) : null;
-  const sizes = await Promise.all(shardUrls.map(async (u) => {
+  const expected = sizes ?? await Promise.all(shardUrls.map(async (u) => {
     const r = await fetch(u, { method: "HEAD" });
+    if (!r.ok) throw new GgufError(`${u}: HTTP ${r.status}`);
     return Number(r.headers.get("Content-Length") || 0);
   }));
-  const total = sizes.reduce((a, b) => a + b, 0);
+  const total = expected.reduce((a, b) => a + b, 0);
   let done = 0;
   const out = [];
-  for (const u of shardUrls) {
-    let resp = cache ? await cache.match(u) : null;
-    const fromCache = !!resp;
-    if (!resp) resp = await fetch(u);
-    if (!resp.ok) throw new GgufError(`${u}: HTTP ${resp.status}`);
-    if (cache && !fromCache) { try { await cache.put(u, resp.clone()); } catch (e) { /* quota: just don't cache */ } }
-    const n = Number(resp.headers.get("Content-Length") || 0);
-    const buf = new Uint8Array(n || 0);
+  const read = async (u, resp, want) => { // the body, checked against `want` bytes (0: unknown)
+    const n = want || Number(resp.headers.get("Content-Length") || 0);
+    if (n > MAX_BYTES) throw new GgufError(`${u}: a shard over 1 GB (${n} bytes): split the model into smaller shards`);
+    const buf = new Uint8Array(n || 0), chunks = [];
     const reader = resp.body.getReader();
-    let off = 0, chunks = [];
+    let off = 0;
     for (;;) {
       const { done: end, value } = await reader.read();
       if (end) break;
+      if (n && off + value.byteLength > n) { await reader.cancel(); return { error: `more than the ${n} bytes expected` }; }
       if (n) buf.set(value, off); else chunks.push(value);
       off += value.byteLength; done += value.byteLength;
       onProgress(done, total);
     }
-    if (!n) { const b = new Uint8Array(off); let o = 0; for (const c of chunks) { b.set(c, o); o += c.byteLength; } out.push(b); }
-    else out.push(buf);
+    if (n && off !== n) return { error: `${off} bytes of the ${n} expected`, got: off };
+    if (n) return { bytes: buf };
+    const b = new Uint8Array(off); let o = 0; for (const c of chunks) { b.set(c, o); o += c.byteLength; }
+    return { bytes: b };
+  };
+  for (let i = 0; i < shardUrls.length; i++) {
+    const u = shardUrls[i];
+    const cached = cache ? await cache.match(u) : null;
+    if (cached) {
+      const r = await read(u, cached, expected[i]);
+      if (r.bytes) { out.push(r.bytes); continue; }
+      done -= r.got ?? 0; // stale or truncated cache entry: drop it and download
+      await cache.delete(u);
+    }
+    const resp = await fetch(u);
+    if (!resp.ok) throw new GgufError(`${u}: HTTP ${resp.status}`);
+    if (cache) { try { await cache.put(u, resp.clone()); } catch (e) { /* quota: just don't cache */ } }
+    const r = await read(u, resp, expected[i]);
+    if (!r.bytes) {
+      if (cache) await cache.delete(u);
+      throw new GgufError(`${u}: ${r.error} (truncated or changed download)`);
+    }
+    out.push(r.bytes);
   }
   return out;
 }
