@@ -77,3 +77,46 @@ def test_page_microphone_worklet_ids_equal_python(tmp_path):
     assert len(got) >= 2.5 * 16000 and float(np.abs(got).max()) > 0.01  # real audio came through the worklet
     want = voxtral_wgpu.load(tmp_path / "model.gguf", progress=False).transcribe(got).token_ids
     assert r["ids"] == want and len(want) > 0
+
+
+def test_page_file_upload_ids_equal_python(tmp_path):
+    """The page's file-upload path (web/upload.js: decodeAudioData straight to 16 kHz, channels
+    averaged, offline transcription). A 16 kHz mono float WAV decodes to exactly the samples Python's
+    loader reads and gives Python's ids for that file (Chromium scales PCM16 by 1/32767 where
+    soundfile uses 1/32768, so an integer file differs by up to half a step); a 44.1 kHz stereo PCM16
+    WAV (the browser resamples,
+    with its own resampler rather than soxr) gives Python's ids on exactly the samples the browser
+    decoded, and those are the expected length and close to Python's own decoding of the file."""
+    import soundfile as sf
+    import soxr
+
+    sys.path.insert(0, str(ROOT / "web" / "test"))
+    from make_fixture import build
+    from run_browser import run_page
+
+    import voxtral_wgpu
+    from voxtral_wgpu.audio import load_audio
+
+    build(tmp_path)
+    audio = np.fromfile(tmp_path / "audio.f32", "<f4")
+    sf.write(tmp_path / "mono16k.wav", audio, 16000, subtype="FLOAT")
+    x44 = soxr.resample(audio, 16000, 44100)
+    sf.write(tmp_path / "stereo44k.wav", np.stack([x44, 0.6 * x44[::-1]], axis=1), 44100, subtype="PCM_16")
+    r = run_page(tmp_path, "test/test.html?upload=mono16k.wav,stereo44k.wav", timeout=200)
+    assert r["errors"] == []
+    mono, stereo = r["uploads"]
+    model = voxtral_wgpu.load(tmp_path / "model.gguf", progress=False)
+
+    np.testing.assert_array_equal(np.asarray(mono["samples"], np.float32), load_audio(tmp_path / "mono16k.wav"))
+    want = model.transcribe(tmp_path / "mono16k.wav").token_ids
+    assert mono["ids"] == want and len(want) > 0
+
+    got = np.asarray(stereo["samples"], np.float32)
+    py = load_audio(tmp_path / "stereo44k.wav")
+    assert abs(len(got) - len(py)) <= 1, (len(got), len(py))
+    n = min(len(got), len(py))
+    rel = float(np.sqrt(np.mean((got[:n] - py[:n]) ** 2) / np.mean(py[:n] ** 2)))
+    print(json.dumps({"stereo_rel_rms_vs_soxr": rel, "decode_s": [u["decode_s"] for u in r["uploads"]],
+                      "load_s": r.get("load_s")}))
+    assert rel < 0.05, rel
+    assert stereo["ids"] == model.transcribe(got).token_ids and len(stereo["ids"]) > 0

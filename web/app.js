@@ -1,13 +1,12 @@
 // app.js — the page: load the model (progress bar, Cache API), transcribe an uploaded file
-// (decodeAudioData -> mono 16 kHz through OfflineAudioContext) or the microphone (AudioWorklet),
-// with tokens/s and real-time factor. Orchestration only: the graph is model.js.
+// (upload.js: decoded to mono 16 kHz) or the microphone (mic.js: AudioWorklet), with tokens/s and
+// real-time factor. Orchestration only: the graph is model.js.
 import { Gpu } from "./gpu.js";
 import { GgufFile, fetchShards } from "./gguf.js";
-import { logMel } from "./mel.js";
 import { startMicrophone } from "./mic.js";
-import { Model, Session, loadWeights, configFromGguf, padding, delayMsToTokens, MEL_FRAMES_PER_POSITION,
-  SAMPLES_PER_TOKEN, N_MELS } from "./model.js";
+import { Model, loadWeights, configFromGguf } from "./model.js";
 import { Tekken } from "./tokenizer.js";
+import { decodeAudioFile, transcribeSamples } from "./upload.js";
 
 const $ = (id) => document.getElementById(id);
 const msg = (s) => { $("msg").textContent = s; };
@@ -33,39 +32,23 @@ async function load() {
   $("stats").textContent = `loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s on ${gpu.description}`;
 }
 
-async function to16kMono(arrayBuffer) {
-  const ctx = new AudioContext();
-  const buf = await ctx.decodeAudioData(arrayBuffer);
-  ctx.close();
-  const off = new OfflineAudioContext(1, Math.ceil(buf.duration * 16000), 16000);
-  const src = off.createBufferSource(); src.buffer = buf; src.connect(off.destination); src.start();
-  return (await off.startRendering()).getChannelData(0);
-}
-
-function stats(s, t0, seconds) {
+function stats(steps, seconds, t0) {
   const dt = (performance.now() - t0) / 1000;
-  const steps = Math.max(s.nextPos - s.promptIds.length + 1, 0);
   $("stats").textContent = `${steps} steps, ${(steps / dt).toFixed(1)} tokens/s, real-time factor ${(dt / Math.max(seconds, 1e-9)).toFixed(2)}`;
 }
 
 async function transcribeFile(file) {
-  const samples = await to16kMono(await file.arrayBuffer());
-  const nDelay = delayMsToTokens(model.defaultDelayMs);
-  const [l, r] = padding(samples.length, nDelay, model.nLeftPad);
-  const padded = new Float32Array(l + samples.length + r); padded.set(samples, l);
-  const t0 = performance.now();
-  const mel = logMel(padded);
-  const s = new Session(model, nDelay, { chunkPositions: model.offlineChunkPositions });
-  s.close(padded.length / SAMPLES_PER_TOKEN);
+  const samples = await decodeAudioFile(await file.arrayBuffer());
   const dec = tok.stream(); $("text").textContent = "";
-  const chunk = MEL_FRAMES_PER_POSITION * model.offlineChunkPositions * N_MELS;
-  for (let i = 0; i <= mel.length && !s.done; i += chunk) {
-    s.pushMel(mel.subarray(i, i + chunk));
-    for (const id of await s.decode()) $("text").textContent += dec.push(id);
-    stats(s, t0, samples.length / 16000);
-  }
+  const t0 = performance.now();
+  let last = [0, 0];
+  await transcribeSamples(model, samples, {
+    onIds: (ids) => { for (const id of ids) $("text").textContent += dec.push(id); },
+    onStats: (steps, seconds) => { last = [steps, seconds]; stats(steps, seconds, t0); },
+  });
   $("text").textContent += dec.flush();
-  s.release();
+  stats(...last, t0);
+  $("stats").textContent += ` — done (${file.name}, ${last[1].toFixed(1)} s of audio)`;
 }
 
 let mic = null;

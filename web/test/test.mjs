@@ -61,6 +61,20 @@ try {
     await gpu.sync();
     out.errors.push(...gpu.errors);
     log(JSON.stringify({ ids: out.ids, fed: out.mic_samples.length }));
+  } else if (q.get("upload")) {
+    // the page's file-upload path (upload.js: decodeAudioData to 16 kHz mono, offline transcription)
+    // on each named fixture file; the decoded samples go back with the ids
+    const { decodeAudioFile, transcribeSamples } = await import("../upload.js");
+    out.uploads = [];
+    for (const name of q.get("upload").split(",")) {
+      const t2 = performance.now();
+      const samples = await decodeAudioFile(await (await fetch(fx + name)).arrayBuffer());
+      const ids = await transcribeSamples(model, samples);
+      out.uploads.push({ name, ids, samples: Array.from(samples), decode_s: (performance.now() - t2) / 1000 });
+    }
+    await gpu.sync();
+    out.errors.push(...gpu.errors);
+    log(JSON.stringify(out.uploads.map((u) => ({ name: u.name, ids: u.ids }))));
   } else if (q.get("stream")) {
     // the microphone path without the worklet: MelStream + a streaming session fed in uneven chunks
     s = new Session(model, nDelay);
