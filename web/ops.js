@@ -269,13 +269,12 @@ export class QuantWeight {
   }
 }
 
+/** Rows per chunk so that a whole chunk buffer (quants, alignment pad, scales) is one binding: the
+ *  kernels bind it whole (ops_quant.rows_per_chunk). */
 export function rowsPerChunk(gpu, dtype, n, k) {
-  const nb = k / QK;
-  const limitView = Math.min(gpu.maxBinding, gpu.maxBuffer);
-  const perRowQ = QUANT_BYTES[dtype] * nb;
-  const perRowAll = (QUANT_BYTES[dtype] + 2) * nb;
-  const rows = Math.min(Math.floor(limitView / perRowQ), Math.max(1, Math.floor((gpu.maxBuffer - 2 * SC_ALIGN) / perRowAll)));
-  return Math.max(1, Math.min(n, rows));
+  const perRow = (QUANT_BYTES[dtype] + 2) * (k / QK);
+  const limit = Math.min(gpu.maxBinding, gpu.maxBuffer) - 2 * SC_ALIGN;
+  return Math.max(1, Math.min(n, Math.floor(limit / perRow)));
 }
 
 /** Upload GGML blocks of W [n, k]: readRows(r0, r1) -> Uint8Array of those rows' GGML bytes

@@ -14,6 +14,9 @@ const t0 = performance.now();
 try {
   const gpu = await Gpu.create({ shaderBase: "/shaders/" });
   out.adapter = gpu.description;
+  // a smaller binding limit than the adapter's: weights split into row chunks as the 4B model's
+  // embedding table must be under the default 128 MiB
+  if (q.get("max_binding")) gpu.maxBinding = Number(q.get("max_binding"));
   const shards = await fetchShards([fx + "model.gguf"]);
   if (q.get("shard_checks")) {
     // a shard whose bytes do not add up to the size the manifest gives: one byte short of the file
@@ -32,6 +35,7 @@ try {
   const weights = await loadWeights(gpu, gf, cfg);
   const model = new Model(gpu, weights, tok);
   out.load_s = (performance.now() - t0) / 1000;
+  out.tok_chunks = weights.tokEmbeddings.chunks.length;
   const samples = new Float32Array(await (await fetch(fx + "audio.f32")).arrayBuffer());
   const nDelay = delayMsToTokens(model.defaultDelayMs);
   const [left, right] = padding(samples.length, nDelay, model.nLeftPad);
