@@ -38,3 +38,35 @@ def test_manifest_lists_shards_and_sizes_and_404(sharded_model):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_cli_https_serves_with_a_self_signed_certificate(sharded_model):
+    """`voxtral-wgpu web --https`: TLS with a fresh self-signed certificate naming the host (so the
+    page is a secure context from another machine on the LAN once the certificate is accepted)."""
+    import re
+    import ssl
+    import subprocess
+    import sys
+
+    first, sizes = sharded_model
+    proc = subprocess.Popen([sys.executable, "-m", "voxtral_wgpu", "web", "--model", str(first), "--https",
+                             "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"serving on (https://127\.0\.0\.1:(\d+)/)", line)
+        assert m, line
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        man = json.load(urllib.request.urlopen(m.group(1) + "model/manifest.json", context=ctx, timeout=30))
+        assert man["sizes"] == sizes
+        pem = ssl.get_server_certificate(("127.0.0.1", int(m.group(2))))
+        try:
+            from cryptography import x509
+        except ImportError:
+            return
+        san = x509.load_pem_x509_certificate(pem.encode()).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+        assert "127.0.0.1" in [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    finally:
+        proc.terminate()
+        proc.wait(10)

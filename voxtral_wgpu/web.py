@@ -155,18 +155,23 @@ def self_signed_cert(host: str, out_dir: Path) -> tuple[Path, Path]:
     """A self-signed certificate for ``host`` (the ``cryptography`` package if installed, else the
     ``openssl`` command)."""
     cert, key = out_dir / "cert.pem", out_dir / "key.pem"
-    try:
-        import datetime
-        import ipaddress
+    import datetime
+    import ipaddress
 
+    try:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
     except ImportError:
+        try:
+            ipaddress.ip_address(host)
+            san = f"IP:{host}"
+        except ValueError:
+            san = f"DNS:{host}"
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj",
-                        f"/CN={host}", "-keyout", str(key), "-out", str(cert)], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        f"/CN={host}", "-addext", f"subjectAltName={san}", "-keyout", str(key), "-out", str(cert)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return cert, key
     k = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
