@@ -17,7 +17,7 @@ TINY_PARAMS = {
         "downsample_args": {"downsample_factor": 4}}},
 }
 KEYS = ("adapter", "weights", "weights_dtype", "kv_cache", "load_s", "weight_bytes", "encoder_ms_per_audio_s",
-        "prefill_ms", "step_ms_median", "step_ms_p90", "step_ms_pipelined", "tokens_per_s", "rtf_1.5s", "steps_1.5s",
+        "encoder_ms_per_audio_s_1.5s", "encoder_ms_per_audio_s_4s", "prefill_ms", "step_ms_median", "step_ms_p90", "step_ms_pipelined", "tokens_per_s", "rtf_1.5s", "steps_1.5s",
         "gpu_peak_bytes_1.5s", "step_ms_at_1min", "dec_kv_bytes_at_1min", "step_ms_at_60min", "dec_kv_bytes_at_60min",
         "stream_latency_ms_median", "stream_latency_ms_p90", "gpu_bytes", "host_rss_bytes")
 
@@ -27,7 +27,8 @@ def run_bench(tmp_path, capsys, *extra):
 
     params = tmp_path / "params.json"
     params.write_text(json.dumps(TINY_PARAMS))
-    assert bench.main(["--params", str(params), "--seconds", "1.5", "--steps", "3", "--json", *extra]) == 0
+    assert bench.main(["--params", str(params), "--seconds", "1.5", "--steps", "3", "--encoder-seconds", "1.5", "4",
+                       "--json", *extra]) == 0
     out, err = capsys.readouterr()
     res = json.loads(out.strip().splitlines()[-1])
     for key in KEYS:
@@ -38,6 +39,7 @@ def run_bench(tmp_path, capsys, *extra):
     # the transcription holds the weights and its session's buffers at once
     assert res["gpu_peak_bytes_1.5s"] > res["weight_bytes"] > 0
     assert res["dec_kv_bytes_at_60min"] >= res["dec_kv_bytes_at_1min"] > 0
+    assert res["encoder_ms_per_audio_s"] == res["encoder_ms_per_audio_s_1.5s"] > 0
     return res, err
 
 

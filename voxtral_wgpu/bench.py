@@ -201,7 +201,7 @@ def _pct(xs, q):
     return float(np.percentile(np.asarray(xs), q)) if len(xs) else float("nan")
 
 
-def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
+def measure(model, seconds_list, *, steps: int = 64, encoder_seconds=(10.0, 60.0, 300.0), log=print) -> dict:
     """Time the stages of ``model`` (a voxtral_wgpu Model)."""
     from ._native import log_mel
     from .audio import padding
@@ -227,21 +227,31 @@ def measure(model, seconds_list, *, steps: int = 64, log=print) -> dict:
     s.release()
     gpu.sync()
 
-    # encoder throughput: 10 s of audio through encoder + adapter only, in transcribe()'s batches
+    # encoder throughput: audio through encoder + adapter only, in transcribe()'s batches, at each of
+    # encoder_seconds (the sliding window fills after 15 s: attention per frame stops growing there)
+    def encoder_ms_per_audio_s(seconds):
+        mel = mel_of(audio_of(seconds))
+        s = Session(model, n_delay, chunk_positions=getattr(model, "offline_chunk_positions", OFFLINE_CHUNK_POSITIONS))
+        s.push_mel(mel)
+        gpu.sync()
+        t = time.perf_counter()
+        total = len(mel) // MEL_FRAMES_PER_POSITION
+        while s.positions_encoded < total:
+            s.next_pos = s.positions_encoded  # consume the ring without decoding
+            s.encode_available()
+        gpu.sync()
+        enc_s = time.perf_counter() - t
+        s.release()
+        return 1000 * enc_s / (total * 0.08), total
+
+    for i, sec in enumerate(encoder_seconds):
+        ms, total = encoder_ms_per_audio_s(sec)
+        res[f"encoder_ms_per_audio_s_{sec:g}s"] = ms
+        if i == 0:
+            res["encoder_ms_per_audio_s"] = ms
+        log(f"encoder, {sec:g} s of audio: {ms:.1f} ms per second of audio ({total} positions)")
     mel = mel_of(audio_of(10.0))
-    s = Session(model, n_delay, chunk_positions=getattr(model, "offline_chunk_positions", OFFLINE_CHUNK_POSITIONS))
-    s.push_mel(mel)
-    gpu.sync()
-    t = time.perf_counter()
     total = len(mel) // MEL_FRAMES_PER_POSITION
-    while s.positions_encoded < total:
-        s.next_pos = s.positions_encoded  # consume the ring without decoding
-        s.encode_available()
-    gpu.sync()
-    enc_s = time.perf_counter() - t
-    s.release()
-    res["encoder_ms_per_audio_s"] = 1000 * enc_s / (total * 0.08)
-    log(f"encoder: {res['encoder_ms_per_audio_s']:.1f} ms per second of audio ({total} positions)")
 
     # prefill and per-step latency (sync after every step)
     s = Session(model, n_delay)
@@ -413,6 +423,8 @@ def main(argv=None) -> int:
                          "(as a GGUF from `voxtral-wgpu quantize`)")
     ap.add_argument("--seconds", type=float, nargs="+", default=[10.0, 60.0], help="audio lengths for offline RTF")
     ap.add_argument("--steps", type=int, default=64, help="decoder steps to time")
+    ap.add_argument("--encoder-seconds", type=float, nargs="+", default=[10.0, 60.0, 300.0],
+                    help="audio lengths for the encoder's ms per second of audio (the first is the headline row)")
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
     ap.add_argument("--compare-hf", action="store_true", help="also run the HF transformers peer (needs CUDA)")
     ap.add_argument("--params", default=None, help="params.json of other dimensions for the synthetic model "
@@ -442,7 +454,7 @@ def main(argv=None) -> int:
            "weight_bytes": model.weights.nbytes}
     log(f"adapter: {gpu.description}; weights {kind} ({wdtype}), {_size(model.weights.nbytes)}, "
         f"loaded in {res['load_s']:.1f} s; KV cache {res['kv_cache']}")
-    res.update(measure(model, args.seconds, steps=args.steps, log=log))
+    res.update(measure(model, args.seconds, steps=args.steps, encoder_seconds=args.encoder_seconds, log=log))
     peaks = ", ".join(f"{_size(res[f'gpu_peak_bytes_{sec:g}s'])} ({sec:g} s)" for sec in args.seconds)
     log(f"GPU memory (buffers): {_size(res['gpu_bytes'])} held at the end, peak during offline transcription "
         f"{peaks}; host RSS {_size(res['host_rss_bytes'])}")
