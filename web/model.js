@@ -9,6 +9,7 @@ export const ENC_FRAMES_PER_POSITION = 4;
 export const CONV0_CONTEXT = 3;
 export const MAX_CHUNK_POSITIONS = 32;
 export const OFFLINE_CHUNK_POSITIONS = 128;
+export const LEAN_OFFLINE_CHUNK_POSITIONS = 48; // model.py's: offline batches with f16 caches (memory target)
 export const TOKEN_RING = 4096;
 export const READBACK_STEPS = 16;
 export const SAMPLES_PER_TOKEN = 1280;
@@ -201,7 +202,7 @@ export class Model {
     this.kvCache = kvCache ?? (quantized ? "f16" : "f32");
     if (!["f32", "f16"].includes(this.kvCache)) throw new Error(`kvCache must be f32 or f16, not ${kvCache}`);
     this.kvF16 = this.kvCache === "f16";
-    this.offlineChunkPositions = this.kvF16 ? MAX_CHUNK_POSITIONS : OFFLINE_CHUNK_POSITIONS;
+    this.offlineChunkPositions = this.kvF16 ? LEAN_OFFLINE_CHUNK_POSITIONS : OFFLINE_CHUNK_POSITIONS;
   }
   ffnNorms(nDelay) {
     if (!this._ffnNorms.has(nDelay)) {
