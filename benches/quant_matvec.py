@@ -1,7 +1,7 @@
 """GPU time of the Q4_0 / Q8_0 decode matvecs (linear_quant.wgsl) at the decoder's shapes, per work
 split and kernel version.
 
-    python benches/quant_matvec.py [--q8] [--splits JSON] [--impl v2 v1] [--trials 5] [--json FILE]
+    python benches/quant_matvec.py [--q8] [--splits JSON] [--trials 5] [--json FILE]
     python benches/quant_matvec.py --small          # tiny shapes: checks the bench itself (lavapipe)
 
 Each decoder matrix is called as the graph calls it (model.py ``_decoder_rows``, one input row):
@@ -18,12 +18,10 @@ already recorded pass, per call) is printed beside it. Each case first runs its 
 them alike; the best round of each is reported. GB/s counts the bytes each call must read: quants
 + f16 scales, 18 (Q4_0) / 34 (Q8_0) per 32 weights.
 
-Variants: ``--impl v2`` (linear_quant.wgsl) with its default ``ops_quant.MATVEC_SPLITS`` and ``v1``
-(the previous kernels, linear_quant_v1.wgsl, with ``MATVEC_SPLITS_V1``); ``--splits`` adds more:
+Variants: the default ``ops_quant.MATVEC_SPLITS`` (linear_quant.wgsl); ``--splits`` adds more:
 a JSON list of splits tried on every matrix, or an object ``{"matvec_qkv": [...], ...}`` keyed by
 ``ops_quant.MATVEC_SPLITS`` kind (``matvec`` = wo and w2, ``matvec_qkv``, ``matvec_swiglu``,
-``lm_head``). A 4-element split is a v2 (MV_LW, MV_RG, MV_RPT, MV_UB), a 3-element one a v1
-(lanes, rows per invocation, unroll), e.g. ``--splits '[[4,8,2,1],[4,16,4,2],[32,2,2]]'``.
+``lm_head``). A split is (MV_LW, MV_RG, MV_RPT, MV_UB), e.g. ``--splits '[[4,8,2,1],[4,16,4,2]]'``.
 ``--stage`` / ``--f16-hw`` time every variant with other ``ops_quant.MATVEC_STAGE`` / ``F16_HW``.
 """
 
@@ -108,9 +106,9 @@ class TimedGpu(Gpu):
         return float(t[1] - t[0]) * self.period_ns, wall
 
 
-def parse_variants(impls, splits_arg):
-    """[(label, impl, {kind: split})]; an empty dict means the module defaults."""
-    out = [(f"{impl} default", impl, {}) for impl in impls]
+def parse_variants(splits_arg):
+    """[(label, {kind: split})]; an empty dict means the module defaults."""
+    out = [("default", {})]
     if splits_arg:
         spec = json.loads(splits_arg)
         if isinstance(spec, list):
@@ -118,11 +116,10 @@ def parse_variants(impls, splits_arg):
         for kind, splits in spec.items():
             for s in splits:
                 s = tuple(int(v) for v in s)
-                if len(s) not in (3, 4):
-                    raise SystemExit(f"split {s}: 4 values (v2) or 3 (v1)")
-                impl = "v2" if len(s) == 4 else "v1"
+                if len(s) != 4:
+                    raise SystemExit(f"split {s}: 4 values (MV_LW, MV_RG, MV_RPT, MV_UB)")
                 kinds = list(oq.MATVEC_SPLITS) if kind == "*" else [kind]
-                out.append((f"{impl} {'x'.join(map(str, s))}", impl, {k: s for k in kinds}))
+                out.append(("x".join(map(str, s)), {k: s for k in kinds}))
     return out
 
 
@@ -133,8 +130,6 @@ def main():
     ap.add_argument("--reps", type=int, default=200, help="calls per measured pass")
     ap.add_argument("--trials", type=int, default=5, help="measurements per variant; the best is reported")
     ap.add_argument("--rotate-mb", type=float, default=256.0, help="weight copies cycled per pass, in MB at least")
-    ap.add_argument("--impl", nargs="*", default=["v2", "v1"], choices=["v2", "v1"],
-                    help="kernel versions timed with their default splits")
     ap.add_argument("--splits", default="", help="more splits (JSON, see the module docstring)")
     ap.add_argument("--only", nargs="*", default=None, help="case names to run (floor qkv wo swiglu w2 lm_head)")
     ap.add_argument("--warmup-s", type=float, default=0.5,
@@ -152,12 +147,12 @@ def main():
     stage_default = tuple(oq.MATVEC_STAGE)
     stages = {"default": [stage_default], "all": [tuple(oq.MATVEC_SPLITS)], "none": [()],
               "both": [stage_default, ()]}[a.stage]
-    variants = []  # (label, impl, {kind: split}, (F16_HW, MATVEC_STAGE))
-    for label, impl, over in parse_variants(a.impl, a.splits):
+    variants = []  # (label, {kind: split}, (F16_HW, MATVEC_STAGE))
+    for label, over in parse_variants(a.splits):
         for hw in ways[a.f16_hw]:
             for st in stages:
                 tag = (" f16hw" if hw else "") + ("" if st == stage_default else " stage:" + (",".join(st) or "none"))
-                variants.append((label + tag, impl, over, (hw, st)))
+                variants.append((label + tag, over, (hw, st)))
     gpu = TimedGpu()
     print(f"adapter: {gpu.description}; timing: {'timestamp queries' if gpu.has_ts else 'submit to idle'}"
           f"{f' (period {gpu.period_ns} ns)' if gpu.period_ns != 1.0 else ''}; {dtype}", flush=True)
@@ -193,7 +188,7 @@ def main():
     if a.only:
         cases = [c for c in cases if c[0] in a.only]
     per_block = oq.QUANT_BYTES[dtype] + 2
-    defaults = dict(oq.MATVEC_SPLITS), dict(oq.MATVEC_SPLITS_V1)
+    defaults = dict(oq.MATVEC_SPLITS)
     rows = []
     for name, kind, shapes, call in cases:
         nbytes = sum(n * k // oq.QK * per_block for n, k in shapes)
@@ -203,19 +198,16 @@ def main():
                     for i, (n, k) in enumerate(shapes)] for c in range(copies)]
         gpu.sync()
         todo = []
-        for label, impl, over, flags in variants:
+        for label, over, flags in variants:
             if over and kind not in over:
                 continue
-            table = dict(defaults[0] if impl == "v2" else defaults[1])
-            table.update(over)
-            todo.append((label, impl, table, flags))
+            todo.append((label, {**defaults, **over}, flags))
 
-        def select(impl, table, flags):
-            oq.MATVEC_IMPL, (oq.F16_HW, oq.MATVEC_STAGE) = impl, flags
-            oq.MATVEC_SPLITS, oq.MATVEC_SPLITS_V1 = (table, defaults[1]) if impl == "v2" else (defaults[0], table)
+        def select(table, flags):
+            oq.MATVEC_SPLITS, (oq.F16_HW, oq.MATVEC_STAGE) = table, flags
 
-        for label, impl, table, flags in todo:  # compile, bind groups
-            select(impl, table, flags)
+        for label, table, flags in todo:  # compile, bind groups
+            select(table, flags)
             for ws in weights:
                 assert call(ws) is not False, f"{name}: the fused decode kernel did not take the call"
 
@@ -228,16 +220,16 @@ def main():
             gpu.time_pass(record)
         best = {}
         for _ in range(a.trials):  # trials interleaved over the variants, so drift hits all alike
-            for label, impl, table, flags in todo:
-                select(impl, table, flags)
+            for label, table, flags in todo:
+                select(table, flags)
                 t_gpu, wall = gpu.time_pass(record)
                 t = (t_gpu * 1e-9 if t_gpu is not None else wall) / a.reps
                 if label not in best or t < best[label][0]:
                     best[label] = (t, wall / a.reps)
-        for label, impl, table, flags in todo:
+        for label, table, flags in todo:
             t, wall = best[label]
             split = table[kind]
-            row = {"case": name, "kind": kind, "variant": label, "impl": impl, "split": list(split), "dtype": dtype,
+            row = {"case": name, "kind": kind, "variant": label, "split": list(split), "dtype": dtype,
                    "f16_hw": flags[0], "stage": list(flags[1]), "us": t * 1e6, "wall_us": wall * 1e6,
                    "GBps": nbytes / t / 1e9, "bytes": nbytes, "copies": copies, "reps": a.reps,
                    "timing": "timestamps" if gpu.has_ts else "wall"}
@@ -245,8 +237,7 @@ def main():
             print(f"{name:8s} {label:24s} split {'x'.join(map(str, split)):10s} {row['us']:9.2f} us "
                   f"{row['GBps']:9.2f} GB/s   (wall {row['wall_us']:8.2f} us, {copies} copies)", flush=True)
         gpu.release(*[b for ws in weights for w in ws for b, _, _ in w.chunks])
-    oq.MATVEC_IMPL, oq.F16_HW, oq.MATVEC_STAGE = "v2", False, stage_default
-    oq.MATVEC_SPLITS, oq.MATVEC_SPLITS_V1 = defaults
+    oq.MATVEC_SPLITS, oq.F16_HW, oq.MATVEC_STAGE = defaults, False, stage_default
     if a.json:
         Path(a.json).write_text(json.dumps({"adapter": gpu.description, "dtype": dtype, "results": rows}, indent=1))
 

@@ -146,24 +146,6 @@ def test_matvec_work_splits(gpu, monkeypatch, dtype, split):
             assert np.abs(got - ref).max() < 1e-4, (M, K, N, np.abs(got - ref).max())
 
 
-def test_previous_matvec_kernel_still_selectable(gpu, monkeypatch):
-    """MATVEC_IMPL = "v1" (linear_quant_v1.wgsl, kept for A/B timing) gives the same results."""
-    rng = np.random.default_rng(11)
-    N, K, M = 77, 224, 3
-    q = ggml_quantize(rng.standard_normal((N, K)), "q4_0")
-    wq = oq.upload_quant(gpu, q, N, K, "q4_0", "w")
-    x = rng.standard_normal((M, K)).astype(np.float32)
-    gx, g = gpu.upload(x), gpu.upload(np.ones(K, np.float32))
-    outs = []
-    for impl in ("v2", "v1"):
-        monkeypatch.setattr(oq, "MATVEC_IMPL", impl)
-        y = gpu.empty(4 * M * 3 * N)
-        oq.linear(gpu, Mat.of(gx, M, K), wq, Mat.of(y, M, N), norm=g)
-        assert oq.qkv_proj(gpu, Mat.of(gx, M, K), wq, wq, wq, Mat(y, M, 3 * N, 3 * N, 0), norm=g, eps=1e-5)
-        outs.append(gpu.read(y, np.float32, M * 3 * N))
-    assert np.abs(outs[0] - outs[1]).max() < 1e-4
-
-
 @pytest.mark.parametrize("dtype", QTYPES)
 @pytest.mark.parametrize("M", [1, 4, 9])
 def test_linear_over_several_chunks(gpu, monkeypatch, dtype, M):

@@ -50,9 +50,10 @@ MATVEC_MAX_M = 4  # rows of x handled by the matrix-vector kernel; more go to th
 # invocation, blocks per row loaded per loop step. A workgroup covers MV_RG * MV_RPT rows with
 # 256 / MV_RG invocations per row along K. "lm_head": matrices of at least LM_HEAD_ROWS rows.
 # Chosen on an H100 (Vulkan) with benches/quant_matvec.py (GPU timestamps, weights cycled past L2),
-# Q4_0 us per call, these / the previous kernels (MATVEC_SPLITS_V1): qkv 13.3 / 35.1, wo 9.0 / 22.9,
-# w1|w3 SwiGLU 23.5 / 68.8, w2 15.2 / 44.3, LM head 117 / 327 (Q8_0: 18.4, 10.9, 33.8, 18.2, 165). One
-# workgroup's dependent dispatch costs ~4 us there, which bounds the small matrices.
+# Q4_0 us per call, these / the previous kernels (removed; benches/RESULTS.md): qkv 13.3 / 35.1, wo 9.0 /
+# 22.9, w1|w3 SwiGLU 23.5 / 68.8, w2 15.2 / 44.3, LM head 117 / 327 (Q8_0: 18.4, 10.9, 33.8, 18.2, 165).
+# One workgroup's dependent dispatch costs ~4 us there, which bounds the small matrices; 33 other
+# splits of wo / w2 / SwiGLU timed since (benches/RESULTS.md) were all slower.
 MATVEC_SPLITS = {"matvec": (4, 4, 2, 2), "matvec_qkv": (4, 8, 4, 3), "matvec_swiglu": (2, 8, 2, 3),
                  "lm_head": (2, 8, 4, 1)}
 # Kinds whose kernel stages x * g in workgroup memory once per workgroup (MV_STAGE; with the norm, one
@@ -60,11 +61,6 @@ MATVEC_SPLITS = {"matvec": (4, 4, 2, 2), "matvec_qkv": (4, 8, 4, 3), "matvec_swi
 # pays where a workgroup covers many rows (q/k/v), not where workgroups are many and small (SwiGLU).
 MATVEC_STAGE = ("matvec_qkv",)
 MATVEC_STAGE_K = 3072
-# "v2": linear_quant.wgsl's decode kernels; "v1": the previous ones (linear_quant_v1.wgsl, splits in
-# MATVEC_SPLITS_V1 as (lanes, rows per invocation, unroll)), kept only for A/B timing on a GPU.
-MATVEC_IMPL = "v2"
-MATVEC_SPLITS_V1 = {"matvec": (32, 2, 2), "matvec_qkv": (32, 2, 2), "matvec_swiglu": (32, 2, 1),
-                    "lm_head": (32, 4, 1)}
 SMALL_M_MATVEC = 64  # up to this many rows (not batch-invariant): matvec in groups of 4 rows
 LM_HEAD_ROWS = 65536  # matrices with at least this many rows use the LM-head split
 F16_HW = False  # scales decoded by unpack2x16float instead of integer ops (same speed measured)
@@ -211,11 +207,6 @@ def _sc(w: QuantWeight, chunk) -> int:
 def _matvec_kernel(gpu: Gpu, w: QuantWeight, m: int, entry: str = "matvec", norm: bool = False):
     """The decode kernel for ``m`` input rows and the output rows each workgroup covers."""
     kind = "lm_head" if w.n >= LM_HEAD_ROWS else entry
-    if MATVEC_IMPL == "v1":
-        lanes, rpt, unroll = MATVEC_SPLITS_V1[kind]
-        kern = gpu.kernel("linear_quant_v1", entry, Q8=w.dtype == "q8_0", MV_M=m, MV_LANES=lanes, MV_RPT=rpt,
-                          MV_UNROLL=1 if entry == "matvec_swiglu" else unroll, F16_HW=F16_HW)
-        return kern, 256 // lanes * rpt
     lw, rg, rpt, ub = MATVEC_SPLITS[kind]
     assert lw & (lw - 1) == 0 and rg & (rg - 1) == 0 and lw * rg <= 256 and 1 <= rpt <= 4 and 1 <= ub <= 4, \
         (kind, MATVEC_SPLITS[kind])
@@ -298,10 +289,7 @@ def qkv_proj(gpu: Gpu, x, wq: QuantWeight, wk: QuantWeight, wv: QuantWeight, qkv
     cq, ck, cv = (w.chunks[0] for w in ws)
     params = pack_params(x.rows, n, wq.k, x.ld, x.off, qkv.ld, qkv.off, 0, 0, 0, 0, int(norm is not None),
                          float(eps), wq.n, wk.n, _sc(wq, cq), _sc(wk, ck), _sc(wv, cv))
-    if MATVEC_IMPL == "v1":
-        groups = -(-n // rows_per_group)
-    else:  # each workgroup within one of the three matrices
-        groups = sum(-(-w.n // rows_per_group) for w in ws)
+    groups = sum(-(-w.n // rows_per_group) for w in ws)  # each workgroup within one of the three matrices
     gpu.dispatch(kern, params, [x.buf, cq[0], cq[0], norm if norm is not None else cq[0], qkv.buf, ck[0], cv[0]],
                  groups_2d(groups))
     return True
