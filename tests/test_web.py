@@ -41,8 +41,9 @@ def test_page_ids_and_mel_equal_python(tmp_path):
 def test_page_streaming_ids_equal_python(tmp_path):
     """The microphone path minus the worklet: MelStream (bounded memory) + a streaming Session fed
     uneven chunks give the same ids as Python's offline transcription. Both sides split the weights
-    for an 8 KiB binding limit (as the 4B model's 131072-row embedding table must be split under
-    WebGPU's default 128 MiB): the page's row chunks mirror Python's."""
+    for a 64 KiB binding limit (as the 4B model's 131072-row embedding table must be split under
+    WebGPU's default 128 MiB; here the 72 KiB Q4 embedding table and the f32 conv weights split): the
+    page's row chunks mirror Python's."""
     sys.path.insert(0, str(ROOT / "web" / "test"))
     from make_fixture import build
     from run_browser import run_page
@@ -51,14 +52,14 @@ def test_page_streaming_ids_equal_python(tmp_path):
     from voxtral_wgpu.gpu import Gpu
 
     build(tmp_path)
-    max_binding = 8192
+    max_binding = 65536
     r = run_page(tmp_path, f"test/test.html?stream=1&max_binding={max_binding}", timeout=150)
     assert r["errors"] == []
     gpu = Gpu()
     gpu.max_binding = max_binding
     model = voxtral_wgpu.load(tmp_path / "model.gguf", gpu=gpu, progress=False)
     tok_chunks = len(model.weights.tok_embeddings.chunks)
-    assert r["tok_chunks"] == tok_chunks >= 3
+    assert r["tok_chunks"] == tok_chunks >= 2
     want = model.transcribe(np.fromfile(tmp_path / "audio.f32", "<f4")).token_ids
     assert r["ids"] == want and len(want) > 0
     assert 0 < r["kept_samples"] <= 2000  # the stream kept only a window of samples, not the whole signal
