@@ -684,15 +684,16 @@ def test_decode_attention_long_context(gpu, S, kv_f16, start, window):
                            start=start, kv_f16=kv_f16, seed=start % 1009 + window)
 
 
-@pytest.mark.tuning
-@pytest.mark.parametrize("split", [1, 2, 8])
-def test_decode_attention_value_splits(gpu, S, monkeypatch, split):
-    """attention_decode.wgsl with other VALUE_SPLITs than the default (each workgroup a share of the
-    value dims), over two 256-key chunks and a single one."""
+@pytest.mark.parametrize("split,head_dim,want", [(4, 64, 4), (4, 12, 2), (4, 256, 4), (2, 64, 2), (8, 64, 8),
+                                                 (8, 128, 8)])
+def test_decode_attention_value_splits(gpu, S, monkeypatch, split, head_dim, want):
+    """attention_decode.wgsl with its value dims shared by several workgroups per (chunk, kv head):
+    the default (4; halved where a share would be an odd number of dims) and others, over two
+    256-key chunks and a single one."""
     monkeypatch.setattr(ops, "DECODE_VALUE_SPLIT", split)
-    assert ops.decode_value_split(64, 2, 2) == split
-    run_rope_qkv_attention(gpu, S, n_heads=8, n_kv_heads=2, head_dim=64, window=300, chunks=[1, 1, 40, 1],
-                           start=250, kv_f16=split == 2, seed=split)
+    assert ops.decode_value_split(head_dim, 2, 2) == want
+    run_rope_qkv_attention(gpu, S, n_heads=8, n_kv_heads=2, head_dim=head_dim, window=300, chunks=[1, 1, 40, 1],
+                           start=250, kv_f16=split == 2 or head_dim == 256, seed=split + head_dim)
 
 
 def test_rope_qkv_f16_clamps_to_finite(gpu, S):
