@@ -74,6 +74,26 @@ var<workgroup> row_c: array<f32, MAX_R>;
 
 const MASKED: f32 = -3.0e38;
 
+// keys t0 .. t0 + TK - 1 of kv head kvh (values with `values`) into kv at the padded stride hs;
+// those outside lo..hi are never used: zeros
+fn stage_tile(values: bool, t0: u32, lo: u32, hi: u32, kvh: u32, tid: u32, TK: u32, hd: u32, hs: u32, kv_ld: u32) {
+    for (var e = tid; e < TK * hd; e += 256u) {
+        let jj = e / hd;
+        let d = e - jj * hd;
+        let j = t0 + jj;
+        var v = 0.0;
+        if (j >= lo && j <= hi) {
+            let i = (j % p.cap) * kv_ld + kvh * hd + d;
+            if (values) {  // (not select: it would load both)
+                v = v_at(i);
+            } else {
+                v = k_at(i);
+            }
+        }
+        kv[jj * hs + d] = v;
+    }
+}
+
 // output e of the block's [R, hd] after this tile: rescaled by the row's correction, plus p . v
 fn pv_update(a: f32, e: u32, R: u32, hd: u32, hs: u32, TK: u32) -> f32 {
     if (e >= R * hd) {
@@ -141,17 +161,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     var acc2 = 0.0;
     var acc3 = 0.0;
     for (var t0 = (lo / TK) * TK; t0 <= hi; t0 += TK) {
-        // K tile: keys t0 .. t0 + TK - 1 (those outside lo..hi are never used: zeros)
-        for (var e = tid; e < TK * hd; e += 256u) {
-            let jj = e / hd;
-            let d = e - jj * hd;
-            let j = t0 + jj;
-            var v = 0.0;
-            if (j >= lo && j <= hi) {
-                v = k_at((j % p.cap) * kv_ld + kvh * hd + d);
-            }
-            kv[jj * hs + d] = v;
-        }
+        stage_tile(false, t0, lo, hi, kvh, tid, TK, hd, hs, kv_ld);  // K tile
         workgroupBarrier();
         // scores of the R x TK (row, key) pairs; keys outside a row's window are MASKED
         for (var e = tid; e < R * TK; e += 256u) {
@@ -171,16 +181,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         }
         workgroupBarrier();
         // V tile over the K tile, while one invocation per row updates that row's softmax
-        for (var e = tid; e < TK * hd; e += 256u) {
-            let jj = e / hd;
-            let d = e - jj * hd;
-            let j = t0 + jj;
-            var v = 0.0;
-            if (j >= lo && j <= hi) {
-                v = v_at((j % p.cap) * kv_ld + kvh * hd + d);
-            }
-            kv[jj * hs + d] = v;
-        }
+        stage_tile(true, t0, lo, hi, kvh, tid, TK, hd, hs, kv_ld);
         if (tid < R) {
             let m = row_m[tid];
             var mt = m;
