@@ -376,9 +376,9 @@ class Session:
         g.write(st.rope, ops.rope_table(np.arange(p0, p0 + rows), d.head_dim, d.rope_theta))
         xb, qkv = Mat.of(st.xb, rows, d.dim), Mat.of(st.qkv, rows, dq + 2 * dkv)
         att, f1, f3 = Mat.of(st.att, rows, dq), Mat.of(st.f1, rows, d.hidden_dim), Mat.of(st.f3, rows, d.hidden_dim)
+        heads = dict(n_heads=d.n_heads, n_kv_heads=d.n_kv_heads, head_dim=d.head_dim)
         for i, layer in enumerate(w.dec_layers):
             ops.qkv_proj(g, x, layer.wq, layer.wk, layer.wv, qkv, norm=layer.attention_norm, eps=d.norm_eps, scratch=xb)
-            heads = dict(n_heads=d.n_heads, n_kv_heads=d.n_kv_heads, head_dim=d.head_dim)
             if rows == 1:  # decode: one kernel rotates q and k, appends k and v to the rings and attends
                 ops.decode_attention(g, st.rope, qkv, st.k_cache[i], st.v_cache[i], att, **heads, pos0=p0,
                                      window=d.sliding_window, cap=st.cap, scratch=st.part, kv_f16=self.kv_f16)

@@ -320,12 +320,11 @@ def decode_attention(gpu: Gpu, table, qkv: Mat, k_cache, v_cache, out: Mat, *, n
     assert qkv.rows == 1 and qkv.cols == (n_heads + 2 * n_kv_heads) * head_dim and qkv.off % 4 == 0
     assert head_dim <= 256 and head_dim % 4 == 0 and n_heads % n_kv_heads == 0
     assert pos0 + 1 <= cap or cap >= window, "KV ring too small for the window"
-    pos = _shader_pos(pos0, window, cap)
     v = decode_attention_values(pos0, window=window, cap=cap, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                 head_dim=head_dim)
     assert scratch.size >= 4 * n_heads * v["attn_chunks"] * (head_dim + 2), "decode attention scratch too small"
-    params = pack_params(n_heads, n_kv_heads, head_dim, pos, window, cap, v["attn_chunks"], qkv.off, out.off,
-                         float(head_dim) ** -0.5, v["attn_split"])
+    params = pack_params(n_heads, n_kv_heads, head_dim, v["attn_pos"], window, cap, v["attn_chunks"], qkv.off,
+                         out.off, float(head_dim) ** -0.5, v["attn_split"])
     bufs = [qkv.buf, k_cache, v_cache, scratch, out.buf, table]
     step = ((3, "attn_pos"), (6, "attn_chunks"), (10, "attn_split"))
     gpu.dispatch(gpu.kernel("attention_decode", "partial", KV_F16=kv_f16, HEAD_DIM=head_dim), params, bufs,

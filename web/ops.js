@@ -163,9 +163,14 @@ export function decodeAttentionScratch(gpu, nHeads, headDim, maxKeys) {
   return gpu.empty(4 * nHeads * cdiv(maxKeys, DECODE_CHUNK) * (headDim + 2), "attention.part");
 }
 
+/** ops.py's _shader_pos: pos0 as the shaders' u32, shifted down by a multiple of cap past 2^30
+ *  (slots are pos % cap) while staying >= window. */
+function shaderPos(pos0, window, cap) {
+  return pos0 - (pos0 >= 2 ** 30 ? Math.floor((pos0 - window) / cap) * cap : 0);
+}
+
 export function attention(gpu, q, kCache, vCache, out, { nHeads, nKvHeads, headDim, pos0, window, cap, kvF16 = false }) {
-  const base = pos0 >= 2 ** 30 ? Math.floor((pos0 - window) / cap) * cap : 0;
-  const pos = pos0 - base;
+  const pos = shaderPos(pos0, window, cap);
   const k = gpu.kernel("attention", "attention", { KV_F16: kvF16 });
   const params = packParams(q.rows, nHeads, nKvHeads, headDim, pos, window, cap, q.ld, q.off, out.ld, out.off, f(headDim ** -0.5));
   const rowsPerBlock = Math.min(16, Math.floor(1024 / headDim)); // attention.wgsl's R
@@ -176,8 +181,7 @@ export function attention(gpu, q, kCache, vCache, out, { nHeads, nKvHeads, headD
  *  k as it reads them, appends k and v at slot pos0 % cap, leaves the qkv row as it was. */
 export function decodeAttention(gpu, table, qkv, kCache, vCache, out, { nHeads, nKvHeads, headDim, pos0, window, cap, scratch, kvF16 = false }) {
   if (qkv.rows !== 1 || qkv.off % 4 !== 0 || headDim % 4 !== 0) throw new Error("decodeAttention: one aligned qkv row");
-  const base = pos0 >= 2 ** 30 ? Math.floor((pos0 - window) / cap) * cap : 0;
-  const pos = pos0 - base;
+  const pos = shaderPos(pos0, window, cap);
   const nChunks = cdiv(Math.min(pos + 1, window), DECODE_CHUNK);
   const split = decodeValueSplit(headDim, nChunks, nKvHeads);
   const params = packParams(nHeads, nKvHeads, headDim, pos, window, cap, nChunks, qkv.off, out.off, f(headDim ** -0.5), split);
