@@ -223,20 +223,19 @@ class Gpu:
 
     def read(self, buf: wgpu.GPUBuffer, dtype=np.float32, count: int | None = None, offset: int = 0) -> np.ndarray:
         """Submit pending work and copy ``count`` elements back (blocking)."""
-        self.flush()
-        itemsize = np.dtype(dtype).itemsize
-        size = (buf.size - offset) if count is None else count * itemsize
-        size_padded = -(-size // 4) * 4
-        raw = self.queue.read_buffer(buf, offset, size_padded)
-        return np.frombuffer(raw, dtype=np.uint8)[:size].view(dtype).copy()
+        n = (buf.size - offset) // np.dtype(dtype).itemsize if count is None else count
+        if n == 0:
+            self.flush()
+            return np.zeros(0, dtype)
+        return self.read_later(buf, dtype, n, offset).result()
 
     def read_later(self, buf: wgpu.GPUBuffer, dtype=np.uint32, count: int = 1, offset: int = 0) -> PendingRead:
         """Record a copy of ``count`` elements of ``buf`` and submit everything recorded, without
         waiting: a readback that does not drain the queue when its result is taken a few steps later."""
-        nbytes = count * np.dtype(dtype).itemsize
-        staging = self.device.create_buffer(size=-(-nbytes // 4) * 4, label="read-later",
+        padded = -(-count * np.dtype(dtype).itemsize // 4) * 4  # copies move whole 4-byte words
+        staging = self.device.create_buffer(size=padded, label="read-later",
                                             usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
-        self.copy(buf, offset, staging, 0, -(-nbytes // 4) * 4)
+        self.copy(buf, offset, staging, 0, padded)
         self.flush()
         return PendingRead(staging, dtype, count)
 
