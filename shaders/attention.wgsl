@@ -1,4 +1,5 @@
-// attention.wgsl — causal sliding-window attention over a ring-buffer KV cache (GQA).
+// attention.wgsl — causal sliding-window attention over a ring-buffer KV cache (GQA), in blocks of
+// 64 query rows x 64-key tiles (encoder, adapter-side batches, decoder prefill).
 //
 //   out[r, h, :] = sum_j softmax_j( q[r, h, :] . k[j, h / group, :] * scale ) v[j, h / group, :]
 //   over key positions j with  pos - window < j <= pos,  pos = pos0 + r   (the window counts the
@@ -14,15 +15,22 @@
 //   3  vc      u32      like kc
 //   4  out     f32      [rows, ldo] from o_off; head h at columns h*head_dim
 //
-// Work split: one workgroup of 256 invocations per (block of R query rows, head), R = min(16,
-// 1024 / head_dim). The block walks the keys any of its rows can see in tiles of TK keys, the tiles
-// aligned to multiples of TK in absolute key position; each tile of K, then of V, is copied once into
-// workgroup memory and used by all R rows (a workgroup per row re-read the whole window from L2 for
-// every row: 6 GB per encoder layer of 512 rows). Per tile: R x TK scores, the row's online
-// (running-max) softmax update by one invocation per row, then R x head_dim outputs, <= 4 per
-// invocation. A row's result does not depend on the other rows of its block: tiles outside its
-// window change nothing (scale 1, add 0), so batching never changes it (streaming == offline).
-// head_dim <= 256.
+// Work split: one workgroup of 256 invocations per (block of BR = 64 query rows, head, slice of
+// DV = 64 output dims): ceil(rows / 64) * n_heads * ceil(head_dim / 64) workgroups. The block walks
+// the keys any of its rows can see in tiles of BK = 64 keys, aligned to multiples of 64 in absolute
+// key position (flash-attention style, running max and sum per row). Invocation (rq, kj) =
+// (tid / 16, tid % 16) owns rows 4rq .. 4rq+3 of the block for the whole walk:
+//   - scores of those rows with keys 4kj .. 4kj+3 of the tile (16 in registers), accumulated over
+//     head dims in chunks of DC = 16: the chunk of q and of k is staged in workgroup memory
+//     transposed ([dim][row], [dim][key]), so each dim costs two vec4 reads for 16 FMAs;
+//   - the tile's softmax update of its 4 rows: row maxima and sums meet in workgroup memory among
+//     the 16 invocations of a row quad, which all keep the rows' running max and sum;
+//   - outputs of its 4 rows at dims 4kj .. 4kj+3 of the slice, from the probabilities (through
+//     workgroup memory, 16 keys at a time) and the V rows of those 16 keys.
+// Workgroup memory 12.5 KiB (the WebGPU core limit is 16 KiB). A row's result does not depend on the
+// other rows of its block: key tiles outside its window change nothing (max unchanged, scale 1, add
+// exactly 0) and its sums run in a fixed order, so batching never changes it (streaming == offline).
+// head_dim <= 256, any value.
 
 struct Params {
     rows: u32,
@@ -43,8 +51,25 @@ struct Params {
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> kc: array<u32>;
 @group(0) @binding(3) var<storage, read> vc: array<u32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
 override KV_F16: bool = false;
+
+const BR: u32 = 64u;  // query rows per workgroup
+const BK: u32 = 64u;  // keys per tile
+const DC: u32 = 16u;  // head dims per score chunk
+const DV: u32 = 64u;  // output dims per workgroup
+const PK: u32 = 16u;  // keys per probability / V sub-tile
+const QS: u32 = 17u;  // vec4 stride of a staged dim row (64 values + 1 vec4 against bank conflicts)
+const KO: u32 = DC * QS;  // staged k chunk after the q chunk
+const PS: u32 = 5u;   // vec4 stride of a probability row (16 keys + 1 vec4)
+const MASKED: f32 = -3.0e38;
+
+// sa: the q and k chunks while scoring; then the row-max partials (256 vec4); then the
+// probabilities of PK keys of the tile ([BR rows][PS vec4])
+// sv: the row-sum partials (256 vec4); then the V rows of PK keys ([PK keys][16 vec4 of dims])
+var<workgroup> sa: array<vec4<f32>, 544>;
+var<workgroup> sv: array<vec4<f32>, 256>;
 
 fn k_at(i: u32) -> f32 {
     if (KV_F16) {
@@ -59,61 +84,62 @@ fn v_at(i: u32) -> f32 {
     }
     return bitcast<f32>(vc[i]);
 }
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-const KV_TILE: u32 = 2048u;  // f32 of the K/V tile: TK keys at a padded stride of head_dim + 1
-const Q_BLOCK: u32 = 1024u;  // f32 of the R query rows
-const P_TILE: u32 = 512u;    // f32 of the R x TK scores / probabilities
-const MAX_R: u32 = 16u;
-var<workgroup> kv: array<f32, KV_TILE>;
-var<workgroup> qs: array<f32, Q_BLOCK>;
-var<workgroup> pr: array<f32, P_TILE>;
-var<workgroup> row_l: array<f32, MAX_R>;
-var<workgroup> row_m: array<f32, MAX_R>;
-var<workgroup> row_c: array<f32, MAX_R>;
-
-const MASKED: f32 = -3.0e38;
-
-// keys t0 .. t0 + TK - 1 of kv head kvh (values with `values`) into kv at the padded stride hs;
-// those outside lo..hi are never used: zeros
-fn stage_tile(values: bool, t0: u32, lo: u32, hi: u32, kvh: u32, tid: u32, TK: u32, hd: u32, hs: u32, kv_ld: u32) {
-    for (var e = tid; e < TK * hd; e += 256u) {
-        let jj = e / hd;
-        let d = e - jj * hd;
-        let j = t0 + jj;
-        var v = 0.0;
-        if (j >= lo && j <= hi) {
-            let i = (j % p.cap) * kv_ld + kvh * hd + d;
-            if (values) {  // (not select: it would load both)
-                v = v_at(i);
-            } else {
-                v = k_at(i);
-            }
-        }
-        kv[jj * hs + d] = v;
-    }
+// Loads of 4 consecutive head dims are written out per component (no loop indexing a vector:
+// a driver may keep such a vector in local memory); lanes past head_dim read a neighbour (in
+// bounds or clamped, never used) and are zeroed.
+fn dims_ok(d: u32) -> vec4<bool> {
+    return vec4<u32>(d) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.head_dim);
 }
 
-// output e of the block's [R, hd] after this tile: rescaled by the row's correction, plus p . v
-fn pv_update(a: f32, e: u32, R: u32, hd: u32, hs: u32, TK: u32) -> f32 {
-    if (e >= R * hd) {
-        return a;
-    }
-    let rr = e / hd;
-    let d = e - rr * hd;
-    var v = a * row_c[rr];
-    for (var jj = 0u; jj < TK; jj++) {
-        v += pr[rr * TK + jj] * kv[jj * hs + d];
-    }
-    return v;
+// head dims d .. d+3 of the key at position j (0 past head_dim or outside lo..hi)
+fn k4(j: u32, lo: u32, hi: u32, kvh: u32, d: u32) -> vec4<f32> {
+    let i = (j % p.cap) * p.n_kv_heads * p.head_dim + kvh * p.head_dim + d;
+    let v = vec4<f32>(k_at(i), k_at(i + 1u), k_at(i + 2u), k_at(i + 3u));
+    return select(vec4<f32>(0.0), v, dims_ok(d) & vec4<bool>(j >= lo && j <= hi));
 }
 
-fn store_out(a: f32, e: u32, R: u32, hd: u32, nr: u32, r0: u32, h: u32) {
-    if (e < R * hd) {
-        let rr = e / hd;
-        if (rr < nr) {
-            out[p.o_off + (r0 + rr) * p.ldo + h * hd + (e - rr * hd)] = a / row_l[rr];
-        }
+fn v4(j: u32, lo: u32, hi: u32, kvh: u32, d: u32) -> vec4<f32> {
+    let i = (j % p.cap) * p.n_kv_heads * p.head_dim + kvh * p.head_dim + d;
+    let v = vec4<f32>(v_at(i), v_at(i + 1u), v_at(i + 2u), v_at(i + 3u));
+    return select(vec4<f32>(0.0), v, dims_ok(d) & vec4<bool>(j >= lo && j <= hi));
+}
+
+// dims d .. d+3 of query row r of the block (0 past head_dim or past the rows)
+fn q4(r: u32, nr: u32, qrow0: u32, d: u32) -> vec4<f32> {
+    let i = qrow0 + r * p.ldq + d;
+    let v = vec4<f32>(q[i], q[i + 1u], q[i + 2u], q[i + 3u]);
+    return select(vec4<f32>(0.0), v, dims_ok(d) & vec4<bool>(r < nr));
+}
+
+fn max4(v: vec4<f32>) -> f32 {
+    return max(max(v.x, v.y), max(v.z, v.w));
+}
+
+fn sum4(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+// scaled scores of one row, MASKED where the key is outside the row's window (or the row is past
+// the block's rows)
+fn masked(s: vec4<f32>, keys: vec4<u32>, pos: u32, live: bool) -> vec4<f32> {
+    let ok = (keys <= vec4<u32>(pos)) & (keys + vec4<u32>(p.window) > vec4<u32>(pos)) & vec4<bool>(live);
+    return select(vec4<f32>(MASKED), s * p.scale, ok);
+}
+
+fn probs(s: vec4<f32>, m: f32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), exp(s - vec4<f32>(m)), s != vec4<f32>(MASKED));
+}
+
+// row r of the block (first row r0), dims d .. d+3 of head h
+fn store_row(r0: u32, r: u32, nr: u32, h: u32, d: u32, v: vec4<f32>) {
+    if (r < nr) {
+        let i = p.o_off + (r0 + r) * p.ldo + h * p.head_dim + d;
+        let ok = dims_ok(d);
+        if (ok.x) { out[i] = v.x; }
+        if (ok.y) { out[i + 1u] = v.y; }
+        if (ok.z) { out[i + 2u] = v.z; }
+        if (ok.w) { out[i + 3u] = v.w; }
     }
 }
 
@@ -121,20 +147,18 @@ fn store_out(a: f32, e: u32, R: u32, hd: u32, nr: u32, r0: u32, h: u32) {
 fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) tid: u32) {
     let hd = p.head_dim;
-    let R = min(MAX_R, Q_BLOCK / hd);
-    let hs = hd + 1u;  // padded K/V row stride: a warp's scores read distinct banks
-    let TK = min(P_TILE / R, KV_TILE / hs);
+    let n_slices = (hd + DV - 1u) / DV;
     let flat = wid.x + wid.y * nwg.x;
-    let n_blocks = (p.rows + R - 1u) / R;
-    if (flat >= n_blocks * p.n_heads) {
+    let n_blocks = (p.rows + BR - 1u) / BR;
+    if (flat >= n_blocks * p.n_heads * n_slices) {
         return;  // whole workgroup leaves together
     }
-    let b = flat / p.n_heads;
-    let h = flat % p.n_heads;
+    let slice = flat % n_slices;
+    let h = (flat / n_slices) % p.n_heads;
+    let r0 = (flat / (n_slices * p.n_heads)) * BR;
     let kvh = h / (p.n_heads / p.n_kv_heads);
-    let kv_ld = p.n_kv_heads * hd;
-    let r0 = b * R;
-    let nr = min(R, p.rows - r0);
+    let nr = min(BR, p.rows - r0);
+    let qrow0 = p.q_off + r0 * p.ldq + h * hd;
     // keys of the block: from the first row's window start to the last row's position
     let pos_first = p.pos0 + r0;
     let hi = pos_first + nr - 1u;
@@ -142,73 +166,128 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     if (pos_first + 1u > p.window) {
         lo = pos_first + 1u - p.window;
     }
-    for (var e = tid; e < R * hd; e += 256u) {
-        let rr = e / hd;
-        var v = 0.0;
-        if (rr < nr) {
-            v = q[p.q_off + (r0 + rr) * p.ldq + h * hd + (e - rr * hd)];
-        }
-        qs[e] = v;
-    }
-    if (tid < MAX_R) {
-        row_l[tid] = 0.0;
-        row_m[tid] = MASKED;
-    }
-    // outputs e = tid + 256 i (i < 4) of the block's [R, hd], in named variables (an array indexed
-    // in a loop can end up in local memory)
-    var acc0 = 0.0;
-    var acc1 = 0.0;
-    var acc2 = 0.0;
-    var acc3 = 0.0;
-    for (var t0 = (lo / TK) * TK; t0 <= hi; t0 += TK) {
-        stage_tile(false, t0, lo, hi, kvh, tid, TK, hd, hs, kv_ld);  // K tile
-        workgroupBarrier();
-        // scores of the R x TK (row, key) pairs; keys outside a row's window are MASKED
-        for (var e = tid; e < R * TK; e += 256u) {
-            let rr = e / TK;
-            let jj = e - rr * TK;
-            let j = t0 + jj;
-            let pos = pos_first + rr;
-            var s = MASKED;
-            if (rr < nr && j <= pos && j + p.window > pos) {
-                var dot = 0.0;
-                for (var d = 0u; d < hd; d++) {
-                    dot += qs[rr * hd + d] * kv[jj * hs + d];
-                }
-                s = dot * p.scale;
+
+    let rq = tid / 16u;
+    let kj = tid % 16u;
+    let dv = slice * DV + 4u * kj;  // this invocation's output dims dv .. dv+3 (and V staging dims)
+    let row = 4u * rq;
+    let pos = vec4<u32>(pos_first + row) + vec4<u32>(0u, 1u, 2u, 3u);
+    // staging: row / key st of the chunk, its dims 4 * (tid % 4) .. +3
+    let st = tid / 4u;
+    let sd = 4u * (tid % 4u);
+
+    var m = vec4<f32>(MASKED);  // running max of rows row + 0..3
+    var l = vec4<f32>(0.0);     // running sum
+    var o0 = vec4<f32>(0.0);    // outputs of row + 0, dims dv .. dv+3 (named, not an array)
+    var o1 = vec4<f32>(0.0);
+    var o2 = vec4<f32>(0.0);
+    var o3 = vec4<f32>(0.0);
+    // global loads run one staging ahead (each is issued before the FMAs of the staging before it):
+    // the q and k chunk, the V rows of the next PK keys
+    var t0 = (lo / BK) * BK;
+    var qn = q4(st, nr, qrow0, sd);
+    var kn = k4(t0 + st, lo, hi, kvh, sd);
+    var vn = vec4<f32>(0.0);
+    for (; t0 <= hi; t0 += BK) {
+        // scores s_a[b]: row + a, key t0 + 4kj + b
+        var s0 = vec4<f32>(0.0);
+        var s1 = vec4<f32>(0.0);
+        var s2 = vec4<f32>(0.0);
+        var s3 = vec4<f32>(0.0);
+        for (var dc = 0u; dc < hd; dc += DC) {
+            workgroupBarrier();  // the previous chunk (or the previous tile's PV) is read
+            let c = sd * QS + st / 4u;  // dims sd .. sd+3 are rows c, c + QS, .. of the chunk
+            let cc = st % 4u;
+            sa[c][cc] = qn.x;
+            sa[c + QS][cc] = qn.y;
+            sa[c + 2u * QS][cc] = qn.z;
+            sa[c + 3u * QS][cc] = qn.w;
+            sa[KO + c][cc] = kn.x;
+            sa[KO + c + QS][cc] = kn.y;
+            sa[KO + c + 2u * QS][cc] = kn.z;
+            sa[KO + c + 3u * QS][cc] = kn.w;
+            workgroupBarrier();
+            if (dc + DC < hd) {
+                qn = q4(st, nr, qrow0, dc + DC + sd);
+                kn = k4(t0 + st, lo, hi, kvh, dc + DC + sd);
+            } else {
+                vn = v4(t0 + tid / 16u, lo, hi, kvh, dv);
             }
-            pr[e] = s;
-        }
-        workgroupBarrier();
-        // V tile over the K tile, while one invocation per row updates that row's softmax
-        stage_tile(true, t0, lo, hi, kvh, tid, TK, hd, hs, kv_ld);
-        if (tid < R) {
-            let m = row_m[tid];
-            var mt = m;
-            for (var jj = 0u; jj < TK; jj++) {
-                mt = max(mt, pr[tid * TK + jj]);
+            for (var c = 0u; c < DC; c++) {
+                let qq = sa[c * QS + rq];
+                let kk = sa[KO + c * QS + kj];
+                s0 = fma(vec4<f32>(qq.x), kk, s0);
+                s1 = fma(vec4<f32>(qq.y), kk, s1);
+                s2 = fma(vec4<f32>(qq.z), kk, s2);
+                s3 = fma(vec4<f32>(qq.w), kk, s3);
             }
-            var sum = 0.0;
-            for (var jj = 0u; jj < TK; jj++) {
-                let s = pr[tid * TK + jj];
-                let pj = select(0.0, exp(s - mt), s != MASKED);
-                pr[tid * TK + jj] = pj;
-                sum += pj;
-            }
-            let corr = exp(m - mt);
-            row_c[tid] = corr;
-            row_l[tid] = row_l[tid] * corr + sum;
-            row_m[tid] = mt;
         }
+        let keys = vec4<u32>(t0 + 4u * kj) + vec4<u32>(0u, 1u, 2u, 3u);
+        s0 = masked(s0, keys, pos.x, row < nr);
+        s1 = masked(s1, keys, pos.y, row + 1u < nr);
+        s2 = masked(s2, keys, pos.z, row + 2u < nr);
+        s3 = masked(s3, keys, pos.w, row + 3u < nr);
+        // the rows' maxima over the tile: 16 partials per row quad
+        workgroupBarrier();  // the last chunk is read
+        sa[tid] = vec4<f32>(max4(s0), max4(s1), max4(s2), max4(s3));
         workgroupBarrier();
-        acc0 = pv_update(acc0, tid, R, hd, hs, TK);
-        acc1 = pv_update(acc1, tid + 256u, R, hd, hs, TK);
-        acc2 = pv_update(acc2, tid + 512u, R, hd, hs, TK);
-        acc3 = pv_update(acc3, tid + 768u, R, hd, hs, TK);
+        var mt = m;
+        for (var i = 0u; i < 16u; i++) {
+            mt = max(mt, sa[rq * 16u + i]);
+        }
+        let p0 = probs(s0, mt.x);
+        let p1 = probs(s1, mt.y);
+        let p2 = probs(s2, mt.z);
+        let p3 = probs(s3, mt.w);
+        sv[tid] = vec4<f32>(sum4(p0), sum4(p1), sum4(p2), sum4(p3));
         workgroupBarrier();
+        var ts = vec4<f32>(0.0);
+        for (var i = 0u; i < 16u; i++) {
+            ts += sv[rq * 16u + i];
+        }
+        let corr = exp(m - mt);
+        l = l * corr + ts;
+        m = mt;
+        o0 *= corr.x;
+        o1 *= corr.y;
+        o2 *= corr.z;
+        o3 *= corr.w;
+        // outputs: PK keys at a time, their probabilities and V rows through workgroup memory
+        for (var k0 = 0u; k0 < BK; k0 += PK) {
+            workgroupBarrier();  // the sums / the previous sub-tile are read
+            if (4u * kj / PK == k0 / PK) {  // owners of keys k0 .. k0 + PK - 1
+                let c = kj % (PK / 4u);
+                sa[row * PS + c] = p0;
+                sa[(row + 1u) * PS + c] = p1;
+                sa[(row + 2u) * PS + c] = p2;
+                sa[(row + 3u) * PS + c] = p3;
+            }
+            sv[tid] = vn;  // key tid / 16 of the PK, dims dv .. dv+3
+            workgroupBarrier();
+            if (k0 + PK < BK) {
+                vn = v4(t0 + k0 + PK + tid / 16u, lo, hi, kvh, dv);
+            } else {  // the next tile's first chunk (zeros past the last tile)
+                qn = q4(st, nr, qrow0, sd);
+                kn = k4(t0 + BK + st, lo, hi, kvh, sd);
+            }
+            for (var c = 0u; c < PK / 4u; c++) {
+                let v0 = sv[(4u * c) * 16u + kj];
+                let v1 = sv[(4u * c + 1u) * 16u + kj];
+                let v2 = sv[(4u * c + 2u) * 16u + kj];
+                let v3 = sv[(4u * c + 3u) * 16u + kj];
+                let a0 = sa[row * PS + c];
+                let a1 = sa[(row + 1u) * PS + c];
+                let a2 = sa[(row + 2u) * PS + c];
+                let a3 = sa[(row + 3u) * PS + c];
+                o0 = fma(vec4<f32>(a0.w), v3, fma(vec4<f32>(a0.z), v2, fma(vec4<f32>(a0.y), v1, fma(vec4<f32>(a0.x), v0, o0))));
+                o1 = fma(vec4<f32>(a1.w), v3, fma(vec4<f32>(a1.z), v2, fma(vec4<f32>(a1.y), v1, fma(vec4<f32>(a1.x), v0, o1))));
+                o2 = fma(vec4<f32>(a2.w), v3, fma(vec4<f32>(a2.z), v2, fma(vec4<f32>(a2.y), v1, fma(vec4<f32>(a2.x), v0, o2))));
+                o3 = fma(vec4<f32>(a3.w), v3, fma(vec4<f32>(a3.z), v2, fma(vec4<f32>(a3.y), v1, fma(vec4<f32>(a3.x), v0, o3))));
+            }
+        }
     }
-    store_out(acc0, tid, R, hd, nr, r0, h);
-    store_out(acc1, tid + 256u, R, hd, nr, r0, h);
-    store_out(acc2, tid + 512u, R, hd, nr, r0, h);
-    store_out(acc3, tid + 768u, R, hd, nr, r0, h);
+    store_row(r0, row, nr, h, dv, o0 / l.x);
+    store_row(r0, row + 1u, nr, h, dv, o1 / l.y);
+    store_row(r0, row + 2u, nr, h, dv, o2 / l.z);
+    store_row(r0, row + 3u, nr, h, dv, o3 / l.w);
 }

@@ -544,12 +544,14 @@ def test_attention_huge_positions(gpu, S, start):
                          start=start, seed=start % 997)
 
 
+@pytest.mark.slow  # 65600 workgroups: ~2 min on lavapipe, so pass 1 only
 def test_attention_2d_groups(gpu, S):
-    """rows * n_heads > 65535 workgroups: (row, head) comes from both workgroup dimensions."""
-    rows, n_heads = 8192, 8
-    assert groups_2d(rows * n_heads)[1] > 1
-    run_attention_stream(gpu, S, n_heads=n_heads, n_kv_heads=1, head_dim=16, window=2, chunks=[rows], start=1,
-                         seed=4)
+    """More than 65535 workgroups (row blocks x heads x dim slices): (block, head) comes from both
+    workgroup dimensions."""
+    rows, n_heads, head_dim = 3, 65600, 2
+    assert groups_2d(-(-rows // ops.ATTENTION_ROWS) * n_heads * -(-head_dim // ops.ATTENTION_DIMS))[1] > 1
+    run_attention_stream(gpu, S, n_heads=n_heads, n_kv_heads=1, head_dim=head_dim, window=2, chunks=[rows],
+                         start=1, seed=4)
 
 
 @st.composite

@@ -280,6 +280,10 @@ def decode_attention_scratch(gpu: Gpu, n_heads: int, head_dim: int, max_keys: in
     return gpu.empty(4 * n_heads * (-(-max_keys // DECODE_CHUNK)) * (head_dim + 2), "attention.part")
 
 
+ATTENTION_ROWS = 64  # attention.wgsl's BR: query rows per workgroup
+ATTENTION_DIMS = 64  # ... and DV: output dims per workgroup
+
+
 def _shader_pos(pos0: int, window: int, cap: int) -> int:
     """pos0 enters the shaders as u32: past 2^30 shift it down by a multiple of cap (slots are
     pos % cap) while keeping it >= window, so the window arithmetic is unchanged."""
@@ -307,8 +311,9 @@ def attention(gpu: Gpu, q: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_k
     k = gpu.kernel("attention", "attention", KV_F16=kv_f16)
     params = pack_params(q.rows, n_heads, n_kv_heads, head_dim, pos, window, cap, q.ld, q.off,
                          out.ld, out.off, float(head_dim) ** -0.5)
-    rows_per_block = min(16, 1024 // head_dim)  # attention.wgsl's R
-    gpu.dispatch(k, params, [q.buf, k_cache, v_cache, out.buf], groups_2d(-(-q.rows // rows_per_block) * n_heads))
+    # attention.wgsl: a workgroup per (64 query rows, head, 64 output dims)
+    groups = -(-q.rows // ATTENTION_ROWS) * n_heads * -(-head_dim // ATTENTION_DIMS)
+    gpu.dispatch(k, params, [q.buf, k_cache, v_cache, out.buf], groups_2d(groups))
 
 
 def decode_attention(gpu: Gpu, table, qkv: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_kv_heads: int,

@@ -169,12 +169,16 @@ function shaderPos(pos0, window, cap) {
   return pos0 - (pos0 >= 2 ** 30 ? Math.floor((pos0 - window) / cap) * cap : 0);
 }
 
+const ATTENTION_ROWS = 64; // attention.wgsl's BR: query rows per workgroup
+const ATTENTION_DIMS = 64; // ... and DV: output dims per workgroup
+
 export function attention(gpu, q, kCache, vCache, out, { nHeads, nKvHeads, headDim, pos0, window, cap, kvF16 = false }) {
   const pos = shaderPos(pos0, window, cap);
   const k = gpu.kernel("attention", "attention", { KV_F16: kvF16 });
   const params = packParams(q.rows, nHeads, nKvHeads, headDim, pos, window, cap, q.ld, q.off, out.ld, out.off, f(headDim ** -0.5));
-  const rowsPerBlock = Math.min(16, Math.floor(1024 / headDim)); // attention.wgsl's R
-  gpu.dispatch(k, params, [q.buf, kCache, vCache, out.buf], groups2d(Math.ceil(q.rows / rowsPerBlock) * nHeads));
+  // attention.wgsl: a workgroup per (64 query rows, head, 64 output dims), as ops.py
+  const groups = Math.ceil(q.rows / ATTENTION_ROWS) * nHeads * Math.ceil(headDim / ATTENTION_DIMS);
+  gpu.dispatch(k, params, [q.buf, kCache, vCache, out.buf], groups2d(groups));
 }
 
 /** ropeQkv + attention for one decode row in one split-K pass (ops.py's decode_attention): rotates q and
