@@ -1,23 +1,31 @@
-// matmul.wgsl — batched linear layers (encoder, adapter, prefill) with BF16 weights, register-blocked.
+// matmul.wgsl — batched linear layers (encoder, adapter, prefill), register-blocked, with BF16 or
+// GGML Q4_0 / Q8_0 weights (W_QUANT), dequantised as each K slice is staged.
 //
 //   y[m, n] = act( sum_k x[x_off + m*lda + k] * W[n, k] + b[n] )  (+ y[m, n] if accumulate)
 //   act: 0 identity, 1 GELU (erf), 2 SiLU — the same contract as linear.wgsl.
 //
-// Each output's K-sum runs in the same order whatever M is, so a row's result does not depend on
-// how rows were batched (streaming equals offline bit for bit).
+// Each output's K-sum runs in the same order whatever M is (and whatever BM), so a row's result does
+// not depend on how rows were batched (streaming equals offline bit for bit).
 //
 // Bindings
 //   0  params  uniform    Params
 //   1  x       vec4<f32>  [M rows at stride lda] from element x_off (x_off, lda multiples of 4)
-//   2  w       vec4<u32>  [N, K/8] BF16 words (K a multiple of 16)
+//   2  w       vec4<u32>  W_QUANT 0: [N, K/8] BF16 words (K a multiple of 16);
+//                         W_QUANT 4 / 8: a Q4_0 / Q8_0 row chunk as linear_quant.wgsl reads it (K a
+//                         multiple of 32): 16 / 32 bytes of quants per 32-weight block (block
+//                         r * K/32 + b), then f16 scales from vec4 p.sc (scale i in half i & 1 of u32
+//                         word i >> 1); weight = (q - 8) * d (Q4_0: byte j holds element j in the low
+//                         nibble, j + 16 in the high one) or q * d (Q8_0, signed bytes)
 //   3  bias    f32        [N] from b_off (has_bias)
 //   4  y       f32        [M, ldy] from y_off
 //
 // Work split: a BM x 128 output tile per workgroup of 256 invocations, each computing (BM/16) x 8
 // outputs in vec4 registers; K walked in slices of 16 staged in workgroup memory (x slice
-// transposed; 2 x 8 KiB). groups = (ceil(N/128), ceil(M/BM)).
+// transposed; 2 x 8 KiB), each weight row's 16 values dequantised once per slice (exactly: a 4- or
+// 8-bit integer times an f16 scale is an f32). groups = (ceil(N/128), ceil(M/BM)).
 
 override BM: u32 = 128u;  // 64 or 128: rows per tile (64 gives more workgroups for short batches)
+override W_QUANT: u32 = 0u;  // 0: BF16 weights, 4: Q4_0, 8: Q8_0
 
 struct Params {
     M: u32,
@@ -31,6 +39,7 @@ struct Params {
     b_off: u32,
     act: u32,
     accumulate: u32,
+    sc: u32,  // quantised weights: the chunk's scale region, in vec4 (16-byte) units
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -45,6 +54,34 @@ const BK: u32 = 16u;
 // without bank conflicts (rows 4ty..4ty+3 and 64+4ty.., columns 4tx.. and 64+4tx..).
 var<workgroup> xs: array<vec4<f32>, 512>;  // [BK][BM/4]
 var<workgroup> ws: array<vec4<f32>, 512>;  // [BK][BN/4]
+
+// IEEE half bits -> f32 without branches, exact for normals, subnormals, zeros, infinities and NaNs
+// (as linear_quant.wgsl's half_bits: integer ops, so no driver flushes f16 subnormals)
+fn half_bits(h: u32) -> f32 {
+    let o = ((h & 0x7fffu) << 13u) + 0x38000000u;  // rebias the exponent 15 -> 127
+    let e = h & 0x7c00u;
+    var f = bitcast<f32>(o);
+    f = select(f, bitcast<f32>(o + 0x00800000u) - 6.103515625e-05, e == 0u);  // (1 + m/1024) 2^-14 - 2^-14
+    f = select(f, bitcast<f32>(o + 0x38000000u), e == 0x7c00u);  // exponent 255
+    return bitcast<f32>(bitcast<u32>(f) | ((h & 0x8000u) << 16u));
+}
+
+// f16 scale of quant block blk
+fn block_scale(blk: u32) -> f32 {
+    let i = p.sc * 4u + (blk >> 1u);  // u32 word of the scale region
+    let word = w[i >> 2u][i & 3u];
+    return half_bits(select(word & 0xffffu, word >> 16u, (blk & 1u) == 1u));
+}
+
+// the low nibbles of a word's 4 bytes, as floats
+fn nibbles(v: u32) -> vec4<f32> {
+    return vec4<f32>(vec4<u32>(v, v >> 8u, v >> 16u, v >> 24u) & vec4<u32>(0xfu));
+}
+
+// a word's 4 signed bytes, as floats
+fn sbytes(v: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(v << 24u, v << 16u, v << 8u, v)) >> vec4<u32>(24u));
+}
 
 fn erf_approx(v: f32) -> f32 {  // |error| < 1.2e-7 (same as linear.wgsl)
     let z = abs(v);
@@ -111,25 +148,48 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
             xs[(4u * q + 2u) * bm4 + i][c] = v.z;
             xs[(4u * q + 3u) * bm4 + i][c] = v.w;
         }
-        // weight slice [128 rows, 16 k] = 2 vec4<u32> per row: one per invocation
+        // weight slice [128 rows, 16 k]: values 8h .. 8h+7 of row r per invocation
         {
             let r = tid / 2u;
             let h = tid % 2u;
-            var q = vec4<u32>(0u);
+            var lo = vec4<f32>(0.0);  // values 8h .. 8h+3 of the slice
+            var hi = vec4<f32>(0.0);  // values 8h+4 .. 8h+7
             if (n0 + r < p.N) {
-                q = w[(n0 + r) * k8 + k0 / 8u + h];
+                if (W_QUANT == 0u) {
+                    let q = w[(n0 + r) * k8 + k0 / 8u + h];
+                    lo = vec4<f32>(bitcast<f32>(q.x << 16u), bitcast<f32>(q.x & 0xffff0000u),
+                                   bitcast<f32>(q.y << 16u), bitcast<f32>(q.y & 0xffff0000u));
+                    hi = vec4<f32>(bitcast<f32>(q.z << 16u), bitcast<f32>(q.z & 0xffff0000u),
+                                   bitcast<f32>(q.w << 16u), bitcast<f32>(q.w & 0xffff0000u));
+                } else {
+                    let blk = (n0 + r) * (p.K / 32u) + k0 / 32u;
+                    let half = (k0 / 16u) & 1u;  // which 16 of the block's 32 weights
+                    let d = block_scale(blk);
+                    if (W_QUANT == 4u) {
+                        // slice value e = element e (low nibbles) or 16 + e (high) = byte e
+                        let v = w[blk];
+                        let w0 = select(v.x, v.z, h == 1u) >> (4u * half);
+                        let w1 = select(v.y, v.w, h == 1u) >> (4u * half);
+                        lo = (nibbles(w0) - vec4<f32>(8.0)) * d;
+                        hi = (nibbles(w1) - vec4<f32>(8.0)) * d;
+                    } else {
+                        let v = w[2u * blk + half];  // bytes 16 half .. +15 = the slice
+                        lo = sbytes(select(v.x, v.z, h == 1u)) * d;
+                        hi = sbytes(select(v.y, v.w, h == 1u)) * d;
+                    }
+                }
             }
             let c = 8u * h;
             let i = r / 4u;
             let cc = r % 4u;
-            ws[(c + 0u) * 32u + i][cc] = bitcast<f32>(q.x << 16u);
-            ws[(c + 1u) * 32u + i][cc] = bitcast<f32>(q.x & 0xffff0000u);
-            ws[(c + 2u) * 32u + i][cc] = bitcast<f32>(q.y << 16u);
-            ws[(c + 3u) * 32u + i][cc] = bitcast<f32>(q.y & 0xffff0000u);
-            ws[(c + 4u) * 32u + i][cc] = bitcast<f32>(q.z << 16u);
-            ws[(c + 5u) * 32u + i][cc] = bitcast<f32>(q.z & 0xffff0000u);
-            ws[(c + 6u) * 32u + i][cc] = bitcast<f32>(q.w << 16u);
-            ws[(c + 7u) * 32u + i][cc] = bitcast<f32>(q.w & 0xffff0000u);
+            ws[(c + 0u) * 32u + i][cc] = lo.x;
+            ws[(c + 1u) * 32u + i][cc] = lo.y;
+            ws[(c + 2u) * 32u + i][cc] = lo.z;
+            ws[(c + 3u) * 32u + i][cc] = lo.w;
+            ws[(c + 4u) * 32u + i][cc] = hi.x;
+            ws[(c + 5u) * 32u + i][cc] = hi.y;
+            ws[(c + 6u) * 32u + i][cc] = hi.z;
+            ws[(c + 7u) * 32u + i][cc] = hi.w;
         }
         workgroupBarrier();
         for (var c = 0u; c < BK; c++) {

@@ -117,6 +117,30 @@ def test_linear_matches_numpy_on_dequantised_weights(gpu, dtype, M, N, nb, act, 
     assert np.all(np.abs(got - ref) <= 2e-6 * scale), float(np.max(np.abs(got - ref) / scale))
 
 
+@pytest.mark.parametrize("dtype", QTYPES)
+@pytest.mark.parametrize("xo,x_pad", [(0, 4), (3, 1)], ids=["aligned-matmul.wgsl", "unaligned-linear_quant"])
+def test_tiled_kernels_on_dequantised_weights(gpu, monkeypatch, dtype, xo, x_pad):
+    """The batched kernels: matmul.wgsl's quantised variant (16-byte aligned x rows) and linear_quant's
+    64x64 tiles (otherwise), over partial row and column tiles (M = 130, N = 131) and 7 blocks per row."""
+    used = []
+    kernel = gpu.kernel
+    monkeypatch.setattr(gpu, "kernel", lambda name, entry, **o: used.append(name) or kernel(name, entry, **o))
+    rng = np.random.default_rng(11)
+    M, N, K = 130, 131, 224
+    q = ggml_quantize(rng.standard_normal((N, K)) / math.sqrt(K), dtype)
+    wd = oq.dequantize_blocks(q, N, K, dtype).astype(np.float64)
+    b = (0.1 * rng.standard_normal(N)).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    y0 = rng.standard_normal((M, N)).astype(np.float32)
+    wq = oq.upload_quant(gpu, q, N, K, dtype, "w", bias=gpu.upload(b))
+    got = _run_linear(gpu, wq, b, x, y0, act=ACT_GELU, accumulate=True, x_pad=x_pad, y_pad=1, xo=xo,
+                      batch_invariant=True)
+    assert used == ["matmul" if xo % 4 == 0 else "linear_quant"]
+    ref = act_ref(x.astype(np.float64) @ wd.T + b, ACT_GELU) + y0
+    scale = np.abs(x).astype(np.float64) @ np.abs(wd).T + np.abs(b) + np.abs(y0) + 1.0
+    assert np.all(np.abs(got - ref) <= 2e-6 * scale), float(np.max(np.abs(got - ref) / scale))
+
+
 # (MV_LW, MV_RG, MV_RPT, MV_UB) of linear_quant.wgsl's decode kernels: the defaults' shape, one lane
 # per row group along K (LW = 32 as the old kernel), a single row group of 256 lanes, lanes across
 # rows only (LW = 1), 3 rows and 3 blocks a step, and tiny row groups

@@ -151,7 +151,7 @@ def linear(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool
         k = gpu.kernel("matmul", "matmul", BM=bm)
         for buf, row0, nrows in w.chunks:
             params = pack_params(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, int(bias is not None), row0,
-                                 act, int(accumulate))
+                                 act, int(accumulate), 0)
             gpu.dispatch(k, params, [x.buf, buf, bias if bias is not None else buf, y.buf],
                          (-(-nrows // 128), -(-x.rows // bm)))
         return

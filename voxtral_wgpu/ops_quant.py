@@ -241,9 +241,22 @@ def linear(gpu: Gpu, x, w: QuantWeight, y, *, act: int = 0, accumulate: bool = F
             n = min(MATVEC_MAX_M, x.rows - r0)
             linear(gpu, x.take(r0, n), w, y.take(r0, n), act=act, accumulate=accumulate)
         return
+    if not use_mv and x.off % 4 == 0 and x.ld % 4 == 0:
+        # matmul.wgsl's register-blocked tiles, dequantising each K slice as it is staged
+        from .ops import matmul_tile_rows
+
+        bm = matmul_tile_rows(x.rows, w.chunks[0][2])
+        kern = gpu.kernel("matmul", "matmul", BM=bm, W_QUANT=8 if w.dtype == "q8_0" else 4)
+        for chunk in w.chunks:
+            buf, row0, nrows = chunk
+            params = pack_params(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, int(w.bias is not None), row0,
+                                 act, int(accumulate), _sc(w, chunk))
+            gpu.dispatch(kern, params, [x.buf, buf, w.bias if w.bias is not None else buf, y.buf],
+                         (-(-nrows // 128), -(-x.rows // bm)))
+        return
     if use_mv:
         kern, rows_per_group = _matvec_kernel(gpu, w, x.rows, norm=norm is not None)
-    else:
+    else:  # x not 16-byte aligned: linear_quant.wgsl's 64x64 tiles
         kern = gpu.kernel("linear_quant", "matmul", Q8=w.dtype == "q8_0", F16_HW=F16_HW)
     for chunk in w.chunks:
         buf, row0, nrows = chunk

@@ -73,10 +73,10 @@ export function linear(gpu, x, w, y, { act = ACT_NONE, accumulate = false, batch
   }
   const bf16 = dtype === "bf16";
   if (bf16 && w.k % 16 === 0 && x.off % 4 === 0 && x.ld % 4 === 0 && (x.rows > 4 || batchInvariant)) {
-    const bm = cdiv(w.chunks[0][2], 128) * cdiv(x.rows, 128) >= 512 ? 128 : 64; // ops.matmul_tile_rows
+    const bm = matmulTileRows(x.rows, w.chunks[0][2]);
     const k = gpu.kernel("matmul", "matmul", { BM: bm });
     for (const [buf, row0, nrows] of w.chunks) {
-      const params = packParams(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, Number(bias !== null), row0, act, Number(accumulate));
+      const params = packParams(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, Number(bias !== null), row0, act, Number(accumulate), 0);
       gpu.dispatch(k, params, [x.buf, buf, bias ?? buf, y.buf], [cdiv(nrows, 128), cdiv(x.rows, bm)]);
     }
     return;
@@ -167,6 +167,11 @@ export function decodeAttentionScratch(gpu, nHeads, headDim, maxKeys) {
  *  (slots are pos % cap) while staying >= window. */
 function shaderPos(pos0, window, cap) {
   return pos0 - (pos0 >= 2 ** 30 ? Math.floor((pos0 - window) / cap) * cap : 0);
+}
+
+/** Rows per matmul.wgsl tile (override BM), as ops.matmul_tile_rows: 128 unless that leaves too few workgroups. */
+function matmulTileRows(m, n) {
+  return cdiv(n, 128) * cdiv(m, 128) >= 512 ? 128 : 64;
 }
 
 const ATTENTION_ROWS = 64; // attention.wgsl's BR: query rows per workgroup
@@ -343,9 +348,21 @@ export function quantLinear(gpu, x, w, y, { act = 0, accumulate = false, batchIn
   if (x.rows === 0) return;
   const useMv = quantMatvecOk(x, [w], batchInvariant);
   if (norm !== null && !useMv) throw new Error("quantLinear(norm=...) needs the matvec path");
+  if (!useMv && x.off % 4 === 0 && x.ld % 4 === 0) {
+    // matmul.wgsl's register-blocked tiles, dequantising each K slice as it is staged (ops_quant.linear)
+    const bm = matmulTileRows(x.rows, w.chunks[0][2]);
+    const k = gpu.kernel("matmul", "matmul", { BM: bm, W_QUANT: w.dtype === "q8_0" ? 8 : 4 });
+    for (const chunk of w.chunks) {
+      const [buf, row0, nrows] = chunk;
+      const params = packParams(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, Number(w.bias !== null), row0,
+        act, Number(accumulate), sc(w, chunk));
+      gpu.dispatch(k, params, [x.buf, buf, w.bias ?? buf, y.buf], [cdiv(nrows, 128), cdiv(x.rows, bm)]);
+    }
+    return;
+  }
   let kern, rowsPerGroup;
   if (useMv) [kern, rowsPerGroup] = quantMatvecKernel(gpu, w, x.rows, "matvec", norm !== null);
-  else kern = gpu.kernel("linear_quant", "matmul", { Q8: w.dtype === "q8_0", F16_HW });
+  else kern = gpu.kernel("linear_quant", "matmul", { Q8: w.dtype === "q8_0", F16_HW }); // x not 16-byte aligned
   for (const chunk of w.chunks) {
     const [buf, row0, nrows] = chunk;
     const params = packParams(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, Number(w.bias !== null), row0,
