@@ -23,9 +23,14 @@
 // outputs in vec4 registers; K walked in slices of 16 staged in workgroup memory (x slice
 // transposed; 2 x 8 KiB), each weight row's 16 values dequantised once per slice (exactly: a 4- or
 // 8-bit integer times an f16 scale is an f32). groups = (ceil(N/128), ceil(M/BM)).
+// Split K (SPLIT, for weights with few rows, whose tiles alone leave most of the GPU idle): workgroup
+// z of groups (.., .., splits) sums K elements z * k_split .. + k_split - 1 and stores the raw sum
+// at y[y_off + (z * M + m) * ldy + n]; reduce_splits then adds the splits in z order and applies
+// the epilogue. k_split is fixed per weight (never per M), so batching still changes nothing.
 
 override BM: u32 = 128u;  // 64 or 128: rows per tile (64 gives more workgroups for short batches)
 override W_QUANT: u32 = 0u;  // 0: BF16 weights, 4: Q4_0, 8: Q8_0
+override SPLIT: bool = false;  // partial sums over K pieces (see Work split)
 
 struct Params {
     M: u32,
@@ -40,6 +45,8 @@ struct Params {
     act: u32,
     accumulate: u32,
     sc: u32,  // quantised weights: the chunk's scale region, in vec4 (16-byte) units
+    k_split: u32,  // SPLIT: K elements per split
+    splits: u32,   // reduce_splits: number of partial sums per output
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -92,27 +99,37 @@ fn erf_approx(v: f32) -> f32 {  // |error| < 1.2e-7 (same as linear.wgsl)
     return select(r - 1.0, 1.0 - r, v >= 0.0);
 }
 
-fn epilogue(m: u32, n0: u32, v4: vec4<f32>) {
+// bias, activation, accumulate, store of output (m, n)
+fn finish(m: u32, n: u32, acc: f32) {
+    var v = acc;
+    if (p.has_bias != 0u) {
+        v += bias[p.b_off + n];
+    }
+    if (p.act == 1u) {
+        v = 0.5 * v * (1.0 + erf_approx(v * 0.70710678118654752));
+    } else if (p.act == 2u) {
+        v = v / (1.0 + exp(-v));
+    }
+    let o = p.y_off + m * p.ldy + n;
+    if (p.accumulate != 0u) {
+        v += y[o];
+    }
+    y[o] = v;
+}
+
+// outputs (m, n0 .. n0+3): finished, or with SPLIT the raw partial sums of split z
+fn epilogue(m: u32, n0: u32, v4: vec4<f32>, z: u32) {
     if (m >= p.M) {
         return;
     }
     for (var j = 0u; j < 4u; j++) {
         let n = n0 + j;
         if (n < p.N) {
-            var v = v4[j];
-            if (p.has_bias != 0u) {
-                v += bias[p.b_off + n];
+            if (SPLIT) {
+                y[p.y_off + (z * p.M + m) * p.ldy + n] = v4[j];
+            } else {
+                finish(m, n, v4[j]);
             }
-            if (p.act == 1u) {
-                v = 0.5 * v * (1.0 + erf_approx(v * 0.70710678118654752));
-            } else if (p.act == 2u) {
-                v = v / (1.0 + exp(-v));
-            }
-            let o = p.y_off + m * p.ldy + n;
-            if (p.accumulate != 0u) {
-                v += y[o];
-            }
-            y[o] = v;
         }
     }
 }
@@ -132,7 +149,13 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     var r40 = vec4<f32>(0.0); var r41 = vec4<f32>(0.0); var r50 = vec4<f32>(0.0); var r51 = vec4<f32>(0.0);
     var r60 = vec4<f32>(0.0); var r61 = vec4<f32>(0.0); var r70 = vec4<f32>(0.0); var r71 = vec4<f32>(0.0);
     let k8 = p.K / 8u;
-    for (var k0 = 0u; k0 < p.K; k0 += BK) {
+    var k_end = p.K;
+    var k_start = 0u;
+    if (SPLIT) {
+        k_start = wid.z * p.k_split;
+        k_end = min(p.K, k_start + p.k_split);
+    }
+    for (var k0 = k_start; k0 < k_end; k0 += BK) {
         // x slice [BM rows, 16 k] = BM*4 vec4 reads, stored transposed (k-major)
         for (var e = tid; e < BM * 4u; e += 256u) {
             let r = e / 4u;
@@ -212,14 +235,33 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     }
     let m = m0 + 4u * ty;
     let n = n0 + 4u * tx;
-    epilogue(m, n, r00); epilogue(m, n + 64u, r01);
-    epilogue(m + 1u, n, r10); epilogue(m + 1u, n + 64u, r11);
-    epilogue(m + 2u, n, r20); epilogue(m + 2u, n + 64u, r21);
-    epilogue(m + 3u, n, r30); epilogue(m + 3u, n + 64u, r31);
+    epilogue(m, n, r00, wid.z); epilogue(m, n + 64u, r01, wid.z);
+    epilogue(m + 1u, n, r10, wid.z); epilogue(m + 1u, n + 64u, r11, wid.z);
+    epilogue(m + 2u, n, r20, wid.z); epilogue(m + 2u, n + 64u, r21, wid.z);
+    epilogue(m + 3u, n, r30, wid.z); epilogue(m + 3u, n + 64u, r31, wid.z);
     if (BM == 128u) {
-        epilogue(m + 64u, n, r40); epilogue(m + 64u, n + 64u, r41);
-        epilogue(m + 65u, n, r50); epilogue(m + 65u, n + 64u, r51);
-        epilogue(m + 66u, n, r60); epilogue(m + 66u, n + 64u, r61);
-        epilogue(m + 67u, n, r70); epilogue(m + 67u, n + 64u, r71);
+        epilogue(m + 64u, n, r40, wid.z); epilogue(m + 64u, n + 64u, r41, wid.z);
+        epilogue(m + 65u, n, r50, wid.z); epilogue(m + 65u, n + 64u, r51, wid.z);
+        epilogue(m + 66u, n, r60, wid.z); epilogue(m + 66u, n + 64u, r61, wid.z);
+        epilogue(m + 67u, n, r70, wid.z); epilogue(m + 67u, n + 64u, r71, wid.z);
     }
+}
+
+// y[m, n] = finish( sum over z of part[z][m][n] ), the split partial sums (x from x_off, row stride
+// lda, split stride M * lda) added in z order; one invocation per output, groups_2d(ceil(M*N / 256))
+@compute @workgroup_size(256)
+fn reduce_splits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) tid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * 256u + tid;
+    if (i >= p.M * p.N) {
+        return;
+    }
+    let m = i / p.N;
+    let n = i % p.N;
+    var v = 0.0;
+    for (var z = 0u; z < p.splits; z++) {
+        let j = p.x_off + (z * p.M + m) * p.lda + n;
+        v += x[j >> 2u][j & 3u];
+    }
+    finish(m, n, v);
 }

@@ -250,6 +250,34 @@ def test_linear_batch_invariant(gpu, S, dtype):
         assert np.array_equal(part.view(np.uint32), full[r0:r0 + n].view(np.uint32)), (r0, n)
 
 
+def test_linear_split_k(gpu, S, monkeypatch):
+    """matmul.wgsl with K split (a narrow weight, K = 1184: pieces of 512, 512, 160): partial sums and
+    reduce_splits, over 3 row chunks, with bias, GELU, accumulate and strided x / y; every row
+    bit-identical whatever M and however many rows one pass takes (the partials' binding limit)."""
+    assert ops.matmul_splits(200, 1184) == 3 and ops.matmul_splits(ops.MATMUL_SPLIT_MAX_N + 1, 1184) == 1
+    seen = []
+    orig = gpu.dispatch
+    monkeypatch.setattr(gpu, "dispatch", lambda k, *a, **kw: (seen.append(k.name), orig(k, *a, **kw))[1])
+    for M in (70, 130):  # (fewer rows take the matrix-vector kernel)
+        seen.clear()
+        check_linear(gpu, S, M=M, N=200, K=1184, bias=True, act=ACT_GELU, accumulate=M == 130, ld_extra=4, x_off=8,
+                     ldy_extra=3, y_off=5, splits=[65, 70, 65], seed=M)
+        assert seen == ["matmul.matmul", "matmul.reduce_splits"] * 3, seen
+    rng = np.random.default_rng(2)
+    K, N, M = 1184, 200, 70
+    w, _ = upload_weight(S, (rng.standard_normal((N, K)) / math.sqrt(K)).astype(np.float32), "bf16",
+                         bias=rng.standard_normal(N).astype(np.float32))
+    S.put(S.x, rng.standard_normal((M, K)).astype(np.float32))
+    ops.linear(gpu, Mat.of(S.x, M, K), w, Mat.of(S.y, M, N), act=ACT_SILU, batch_invariant=True)
+    full = S.get(S.y, M * N).reshape(M, N)
+    for r0, n, binding in [(0, 1, None), (5, 3, None), (66, 4, None), (0, 70, 4 * 3 * 200 * 8)]:
+        if binding is not None:  # 8 rows of partial sums per pass
+            monkeypatch.setattr(gpu, "max_binding", binding)
+        ops.linear(gpu, Mat(S.x, n, K, K, r0 * K), w, Mat.of(S.y, n, N), act=ACT_SILU, batch_invariant=True)
+        part = S.get(S.y, n * N).reshape(n, N)
+        assert np.array_equal(part.view(np.uint32), full[r0:r0 + n].view(np.uint32)), (r0, n, binding)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("kernel", ["matmul", "matvec"])
 def test_linear_row_chunks(gpu, S, dtype, kernel):

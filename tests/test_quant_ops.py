@@ -141,6 +141,30 @@ def test_tiled_kernels_on_dequantised_weights(gpu, monkeypatch, dtype, xo, x_pad
     assert np.all(np.abs(got - ref) <= 2e-6 * scale), float(np.max(np.abs(got - ref) / scale))
 
 
+@pytest.mark.parametrize("dtype", QTYPES)
+def test_tiled_split_k_on_dequantised_weights(gpu, dtype):
+    """matmul.wgsl's quantised variant with K split (37 blocks: pieces of 16, 16 and 5 blocks) and
+    reduce_splits; rows bit-identical whatever M."""
+    from voxtral_wgpu import ops
+
+    rng = np.random.default_rng(12)
+    M, N, K = 70, 131, 1184
+    assert ops.matmul_splits(N, K) == 3
+    q = ggml_quantize(rng.standard_normal((N, K)) / math.sqrt(K), dtype)
+    wd = oq.dequantize_blocks(q, N, K, dtype).astype(np.float64)
+    b = (0.1 * rng.standard_normal(N)).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    y0 = rng.standard_normal((M, N)).astype(np.float32)
+    wq = oq.upload_quant(gpu, q, N, K, dtype, "w", bias=gpu.upload(b))
+    got = _run_linear(gpu, wq, b, x, y0, act=ACT_SILU, accumulate=True, x_pad=4, y_pad=2, xo=8, batch_invariant=True)
+    ref = act_ref(x.astype(np.float64) @ wd.T + b, ACT_SILU) + y0
+    scale = np.abs(x).astype(np.float64) @ np.abs(wd).T + np.abs(b) + np.abs(y0) + 1.0
+    assert np.all(np.abs(got - ref) <= 2e-6 * scale), float(np.max(np.abs(got - ref) / scale))
+    few = _run_linear(gpu, wq, b, x[3:6], y0[3:6], act=ACT_SILU, accumulate=True, x_pad=0, y_pad=0, xo=0,
+                      batch_invariant=True)
+    assert np.array_equal(few.view(np.uint32), got[3:6].view(np.uint32))
+
+
 # (MV_LW, MV_RG, MV_RPT, MV_UB) of linear_quant.wgsl's decode kernels: the defaults' shape, one lane
 # per row group along K (LW = 32 as the old kernel), a single row group of 256 lanes, lanes across
 # rows only (LW = 1), 3 rows and 3 blocks a step, and tiny row groups

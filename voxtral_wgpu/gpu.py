@@ -173,6 +173,7 @@ class Gpu:
         self._pending_buffers: set[int] = set()
         self._last_pipeline = None
         self._capturing: list | None = None
+        self._scratch: wgpu.GPUBuffer | None = None
         self._offset_cell = _ffi.new("uint32_t[1]") if _ffi is not None else None
         self.bytes_allocated = 0  # bytes of the storage buffers this Gpu holds now (for memory reports)
         self.bytes_peak = 0  # the most bytes_allocated has been (reset with reset_peak())
@@ -198,6 +199,16 @@ class Gpu:
         self.bytes_allocated -= sum(b.size for b in buffers)
         for b in buffers:
             b.destroy()
+
+    def scratch(self, nbytes: int) -> wgpu.GPUBuffer:
+        """A storage buffer of at least ``nbytes`` shared by every caller (split-K partial sums): work
+        runs in recording order, so one user has read it before the next one writes. It grows to the
+        largest request (in MiB steps) and is never shrunk; don't keep it in a captured step plan."""
+        if self._scratch is None or self._scratch.size < nbytes:
+            if self._scratch is not None:
+                self.release(self._scratch)
+            self._scratch = self.empty(min(-(-nbytes // (1 << 20)) << 20, self.max_buffer), "scratch")
+        return self._scratch
 
     def reset_peak(self) -> int:
         """Start a new peak-memory measurement; returns the previous peak."""

@@ -90,6 +90,12 @@ def _row_groups(x: Mat, w, batch_invariant: bool):
 # encoder shape at 128 and 512 rows on an H100 (e.g. qkv 6144x1280 at 512 rows: 339 vs 406 us)
 MATMUL_BM128_MIN_GROUPS = 512
 MATMUL_BM128 = None  # force the tile rows (benchmarks); None: matmul_tile_rows decides
+# K split of matmul.wgsl products (matmul_splits). H100, encoder shapes, GPU us per call at 192 / 512
+# rows (.device probe): pieces of 512 for weights of <= 8192 rows: Q4_0 layer (qkv + wo + w1 + w3 + w2)
+# at 192 rows 1508 (no split) -> 839 (<= 2048 rows) -> 672; BF16 at 512 rows 1485 / 1487 (no change);
+# pieces of 256 or 1024, or 640 up to 8192 rows, were no better overall.
+MATMUL_SPLIT_K = 512
+MATMUL_SPLIT_MAX_N = 8192
 
 
 def matmul_tile_rows(m: int, n: int) -> int:
@@ -99,6 +105,48 @@ def matmul_tile_rows(m: int, n: int) -> int:
     if MATMUL_BM128 is not None:
         return 128 if MATMUL_BM128 else 64
     return 128 if -(-n // 128) * -(-m // 128) >= MATMUL_BM128_MIN_GROUPS else 64
+
+
+def matmul_splits(n: int, k: int) -> int:
+    """K pieces of a matmul.wgsl product with an ``[n, k]`` weight: short batches of weights with few
+    rows give few output tiles (1280 columns: 10 per row tile), so K is cut in MATMUL_SPLIT_K pieces
+    summed by more workgroups. A function of the weight's shape only, never of M (batch invariance)."""
+    return -(-k // MATMUL_SPLIT_K) if n <= MATMUL_SPLIT_MAX_N and k > MATMUL_SPLIT_K else 1
+
+
+def matmul_tiles(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool = False,
+                 w_quant: int = 0, scale_offset=None) -> None:
+    """``y (+)= act(x @ W^T + b)`` with matmul.wgsl over each row chunk of W: BF16 (``w_quant`` 0) or
+    Q4_0 / Q8_0 (4 / 8; ``scale_offset(chunk)`` gives the chunk's scale region in 16-byte units).
+    x rows 16-byte aligned; K a multiple of 16 (32 quantised). Narrow weights split K
+    (:func:`matmul_splits`): partial sums into ``gpu.scratch``, then ``reduce_splits``."""
+    bias = w.bias
+    splits = matmul_splits(w.n, w.k)
+    for chunk in w.chunks:
+        buf, row0, nrows = chunk
+        sc = scale_offset(chunk) if scale_offset is not None else 0
+        bm = matmul_tile_rows(x.rows, nrows)
+        wb = [buf, bias if bias is not None else buf]
+        if splits == 1:
+            params = pack_params(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, int(bias is not None), row0,
+                                 act, int(accumulate), sc, w.k, 1)
+            gpu.dispatch(gpu.kernel("matmul", "matmul", BM=bm, W_QUANT=w_quant), params, [x.buf, *wb, y.buf],
+                         (-(-nrows // 128), -(-x.rows // bm)))
+            continue
+        # rows per pass: the partial sums [splits, rows, nrows] fit one binding (a row's result does
+        # not depend on its pass)
+        step = max(1, min(x.rows, gpu.max_binding // (4 * splits * nrows)))
+        for r0 in range(0, x.rows, step):
+            rows = min(step, x.rows - r0)
+            part = gpu.scratch(4 * splits * rows * nrows)
+            params = pack_params(rows, nrows, w.k, x.ld, x.off + r0 * x.ld, nrows, 0, 0, 0, 0, 0, sc,
+                                 MATMUL_SPLIT_K, splits)
+            gpu.dispatch(gpu.kernel("matmul", "matmul", BM=bm, W_QUANT=w_quant, SPLIT=True), params,
+                         [x.buf, buf, buf, part], (-(-nrows // 128), -(-rows // bm), splits))
+            params = pack_params(rows, nrows, w.k, nrows, 0, y.ld, y.off + r0 * y.ld + row0, int(bias is not None),
+                                 row0, act, int(accumulate), 0, MATMUL_SPLIT_K, splits)
+            gpu.dispatch(gpu.kernel("matmul", "reduce_splits"), params, [part, *wb, y.buf],
+                         groups_2d(-(-rows * nrows // 256)))
 
 
 def linear(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool = False,
@@ -147,13 +195,7 @@ def linear(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool
         return
     bf16 = dtype == "bf16"
     if bf16 and w.k % 16 == 0 and x.off % 4 == 0 and x.ld % 4 == 0 and (x.rows > 4 or batch_invariant):
-        bm = matmul_tile_rows(x.rows, w.chunks[0][2])
-        k = gpu.kernel("matmul", "matmul", BM=bm)
-        for buf, row0, nrows in w.chunks:
-            params = pack_params(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, int(bias is not None), row0,
-                                 act, int(accumulate), 0)
-            gpu.dispatch(k, params, [x.buf, buf, bias if bias is not None else buf, y.buf],
-                         (-(-nrows // 128), -(-x.rows // bm)))
+        matmul_tiles(gpu, x, w, y, act=act, accumulate=accumulate)
         return
     for buf, row0, nrows in w.chunks:
         use_mv = x.rows <= 4 and w.k % 2 == 0 and not batch_invariant

@@ -243,16 +243,10 @@ def linear(gpu: Gpu, x, w: QuantWeight, y, *, act: int = 0, accumulate: bool = F
         return
     if not use_mv and x.off % 4 == 0 and x.ld % 4 == 0:
         # matmul.wgsl's register-blocked tiles, dequantising each K slice as it is staged
-        from .ops import matmul_tile_rows
+        from .ops import matmul_tiles
 
-        bm = matmul_tile_rows(x.rows, w.chunks[0][2])
-        kern = gpu.kernel("matmul", "matmul", BM=bm, W_QUANT=8 if w.dtype == "q8_0" else 4)
-        for chunk in w.chunks:
-            buf, row0, nrows = chunk
-            params = pack_params(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, int(w.bias is not None), row0,
-                                 act, int(accumulate), _sc(w, chunk))
-            gpu.dispatch(kern, params, [x.buf, buf, w.bias if w.bias is not None else buf, y.buf],
-                         (-(-nrows // 128), -(-x.rows // bm)))
+        matmul_tiles(gpu, x, w, y, act=act, accumulate=accumulate, w_quant=8 if w.dtype == "q8_0" else 4,
+                     scale_offset=lambda chunk: _sc(w, chunk))
         return
     if use_mv:
         kern, rows_per_group = _matvec_kernel(gpu, w, x.rows, norm=norm is not None)

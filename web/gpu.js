@@ -56,6 +56,7 @@ export class Gpu {
     this._modules = new Map();
     this._kernels = new Map();
     this._bindGroups = new Map();
+    this._scratch = null;
     this._arena = device.createBuffer({ size: ARENA_BYTES, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST, label: "params-arena" });
     this._arenaData = new Uint8Array(ARENA_BYTES);
     this._arenaLen = 0;
@@ -76,6 +77,22 @@ export class Gpu {
     const buf = this.device.createBuffer({ size: nbytes, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST, label });
     this.bytesAllocated += nbytes;
     return buf;
+  }
+
+  /** A storage buffer of at least `nbytes` shared by every caller (split-K partial sums), as gpu.py's
+   * scratch: work runs in recording order; it grows to the largest request (MiB steps), never shrinks. */
+  scratch(nbytes) {
+    if (this._scratch === null || this._scratch.size < nbytes) {
+      const size = Math.min(Math.ceil(nbytes / 2 ** 20) * 2 ** 20, this.maxBuffer);
+      if (this._scratch !== null) {
+        this.flush();
+        this.forget(this._scratch);
+        this.bytesAllocated -= this._scratch.size;
+        this._scratch.destroy();
+      }
+      this._scratch = this.empty(size, "scratch");
+    }
+    return this._scratch;
   }
 
   upload(typed, label = "") {

@@ -73,12 +73,7 @@ export function linear(gpu, x, w, y, { act = ACT_NONE, accumulate = false, batch
   }
   const bf16 = dtype === "bf16";
   if (bf16 && w.k % 16 === 0 && x.off % 4 === 0 && x.ld % 4 === 0 && (x.rows > 4 || batchInvariant)) {
-    const bm = matmulTileRows(x.rows, w.chunks[0][2]);
-    const k = gpu.kernel("matmul", "matmul", { BM: bm });
-    for (const [buf, row0, nrows] of w.chunks) {
-      const params = packParams(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, Number(bias !== null), row0, act, Number(accumulate), 0);
-      gpu.dispatch(k, params, [x.buf, buf, bias ?? buf, y.buf], [cdiv(nrows, 128), cdiv(x.rows, bm)]);
-    }
+    matmulTiles(gpu, x, w, y, { act, accumulate });
     return;
   }
   for (const [buf, row0, nrows] of w.chunks) {
@@ -172,6 +167,44 @@ function shaderPos(pos0, window, cap) {
 /** Rows per matmul.wgsl tile (override BM), as ops.matmul_tile_rows: 128 unless that leaves too few workgroups. */
 function matmulTileRows(m, n) {
   return cdiv(n, 128) * cdiv(m, 128) >= 512 ? 128 : 64;
+}
+
+const MATMUL_SPLIT_K = 512; // ops.MATMUL_SPLIT_K: K elements per split of a matmul
+const MATMUL_SPLIT_MAX_N = 8192; // ... for weights with at most this many rows
+
+/** K pieces of a matmul.wgsl product with an [n, k] weight (ops.matmul_splits): a function of the shape only. */
+function matmulSplits(n, k) {
+  return n <= MATMUL_SPLIT_MAX_N && k > MATMUL_SPLIT_K ? cdiv(k, MATMUL_SPLIT_K) : 1;
+}
+
+/** y (+)= act(x W^T + b) with matmul.wgsl over each row chunk of W, BF16 or quantised (ops.matmul_tiles). */
+function matmulTiles(gpu, x, w, y, { act = ACT_NONE, accumulate = false, wQuant = 0, scaleOffset = null } = {}) {
+  const bias = w.bias ?? null;
+  const splits = matmulSplits(w.n, w.k);
+  for (const chunk of w.chunks) {
+    const [buf, row0, nrows] = chunk;
+    const sc = scaleOffset ? scaleOffset(chunk) : 0;
+    const bm = matmulTileRows(x.rows, nrows);
+    if (splits === 1) {
+      const params = packParams(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, Number(bias !== null), row0,
+        act, Number(accumulate), sc, w.k, 1);
+      gpu.dispatch(gpu.kernel("matmul", "matmul", { BM: bm, W_QUANT: wQuant }), params, [x.buf, buf, bias ?? buf, y.buf],
+        [cdiv(nrows, 128), cdiv(x.rows, bm)]);
+      continue;
+    }
+    // rows per pass: the partial sums [splits, rows, nrows] fit one binding
+    const step = Math.max(1, Math.min(x.rows, Math.floor(gpu.maxBinding / (4 * splits * nrows))));
+    for (let r0 = 0; r0 < x.rows; r0 += step) {
+      const rows = Math.min(step, x.rows - r0);
+      const part = gpu.scratch(4 * splits * rows * nrows);
+      let params = packParams(rows, nrows, w.k, x.ld, x.off + r0 * x.ld, nrows, 0, 0, 0, 0, 0, sc, MATMUL_SPLIT_K, splits);
+      gpu.dispatch(gpu.kernel("matmul", "matmul", { BM: bm, W_QUANT: wQuant, SPLIT: true }), params, [x.buf, buf, buf, part],
+        [cdiv(nrows, 128), cdiv(rows, bm), splits]);
+      params = packParams(rows, nrows, w.k, nrows, 0, y.ld, y.off + r0 * y.ld + row0, Number(bias !== null), row0,
+        act, Number(accumulate), 0, MATMUL_SPLIT_K, splits);
+      gpu.dispatch(gpu.kernel("matmul", "reduce_splits"), params, [part, buf, bias ?? buf, y.buf], groups2d(cdiv(rows * nrows, 256)));
+    }
+  }
 }
 
 const ATTENTION_ROWS = 64; // attention.wgsl's BR: query rows per workgroup
@@ -350,14 +383,7 @@ export function quantLinear(gpu, x, w, y, { act = 0, accumulate = false, batchIn
   if (norm !== null && !useMv) throw new Error("quantLinear(norm=...) needs the matvec path");
   if (!useMv && x.off % 4 === 0 && x.ld % 4 === 0) {
     // matmul.wgsl's register-blocked tiles, dequantising each K slice as it is staged (ops_quant.linear)
-    const bm = matmulTileRows(x.rows, w.chunks[0][2]);
-    const k = gpu.kernel("matmul", "matmul", { BM: bm, W_QUANT: w.dtype === "q8_0" ? 8 : 4 });
-    for (const chunk of w.chunks) {
-      const [buf, row0, nrows] = chunk;
-      const params = packParams(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, Number(w.bias !== null), row0,
-        act, Number(accumulate), sc(w, chunk));
-      gpu.dispatch(k, params, [x.buf, buf, w.bias ?? buf, y.buf], [cdiv(nrows, 128), cdiv(x.rows, bm)]);
-    }
+    matmulTiles(gpu, x, w, y, { act, accumulate, wQuant: w.dtype === "q8_0" ? 8 : 4, scaleOffset: (chunk) => sc(w, chunk) });
     return;
   }
   let kern, rowsPerGroup;
