@@ -52,9 +52,11 @@ MATVEC_MAX_M = 4  # rows of x handled by the matrix-vector kernel; more go to th
 # Chosen on an H100 (Vulkan) with benches/quant_matvec.py (GPU timestamps, weights cycled past L2),
 # Q4_0 us per call, these / the previous kernels (removed; benches/RESULTS.md): qkv 13.3 / 35.1, wo 9.0 /
 # 22.9, w1|w3 SwiGLU 23.5 / 68.8, w2 15.2 / 44.3, LM head 117 / 327 (Q8_0: 18.4, 10.9, 33.8, 18.2, 165).
-# One workgroup's dependent dispatch costs ~4 us there, which bounds the small matrices; 33 other
-# splits of wo / w2 / SwiGLU timed since (benches/RESULTS.md) were all slower.
-MATVEC_SPLITS = {"matvec": (4, 4, 2, 2), "matvec_qkv": (4, 8, 4, 3), "matvec_swiglu": (2, 8, 2, 3),
+# One workgroup's dependent dispatch costs ~4 us there, which bounds the small matrices; 44 other
+# splits of wo / w2 / SwiGLU timed since (benches/RESULTS.md) were all slower, and so was issuing each
+# loop step's loads before the previous step's arithmetic. qkv loads one block per step since
+# (4x8x4x3 -> 4x8x4x1: 13.2 -> 11.9 us per call; Q4_0 step 2.180 -> 2.148 ms).
+MATVEC_SPLITS = {"matvec": (4, 4, 2, 2), "matvec_qkv": (4, 8, 4, 1), "matvec_swiglu": (2, 8, 2, 3),
                  "lm_head": (2, 8, 4, 1)}
 # Kinds whose kernel stages x * g in workgroup memory once per workgroup (MV_STAGE; with the norm, one
 # input row and K <= MATVEC_STAGE_K) instead of every invocation multiplying the x it reads by g: it
