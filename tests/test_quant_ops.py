@@ -117,6 +117,23 @@ def test_linear_matches_numpy_on_dequantised_weights(gpu, dtype, M, N, nb, act, 
     assert np.all(np.abs(got - ref) <= 2e-6 * scale), float(np.max(np.abs(got - ref) / scale))
 
 
+def _check_tiled(gpu, dtype, M, N, K, act, seed, **placement):
+    """A batch-invariant quantised linear with bias and accumulate against NumPy on the dequantised
+    weights; returns (output, weight, bias, x, y0) for further calls."""
+    rng = np.random.default_rng(seed)
+    q = ggml_quantize(rng.standard_normal((N, K)) / math.sqrt(K), dtype)
+    wd = oq.dequantize_blocks(q, N, K, dtype).astype(np.float64)
+    b = (0.1 * rng.standard_normal(N)).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    y0 = rng.standard_normal((M, N)).astype(np.float32)
+    wq = oq.upload_quant(gpu, q, N, K, dtype, "w", bias=gpu.upload(b))
+    got = _run_linear(gpu, wq, b, x, y0, act=act, accumulate=True, batch_invariant=True, **placement)
+    ref = act_ref(x.astype(np.float64) @ wd.T + b, act) + y0
+    scale = np.abs(x).astype(np.float64) @ np.abs(wd).T + np.abs(b) + np.abs(y0) + 1.0
+    assert np.all(np.abs(got - ref) <= 2e-6 * scale), float(np.max(np.abs(got - ref) / scale))
+    return got, wq, b, x, y0
+
+
 @pytest.mark.parametrize("dtype", QTYPES)
 @pytest.mark.parametrize("xo,x_pad", [(0, 4), (3, 1)], ids=["aligned-matmul.wgsl", "unaligned-linear_quant"])
 def test_tiled_kernels_on_dequantised_weights(gpu, monkeypatch, dtype, xo, x_pad):
@@ -125,20 +142,8 @@ def test_tiled_kernels_on_dequantised_weights(gpu, monkeypatch, dtype, xo, x_pad
     used = []
     kernel = gpu.kernel
     monkeypatch.setattr(gpu, "kernel", lambda name, entry, **o: used.append(name) or kernel(name, entry, **o))
-    rng = np.random.default_rng(11)
-    M, N, K = 130, 131, 224
-    q = ggml_quantize(rng.standard_normal((N, K)) / math.sqrt(K), dtype)
-    wd = oq.dequantize_blocks(q, N, K, dtype).astype(np.float64)
-    b = (0.1 * rng.standard_normal(N)).astype(np.float32)
-    x = rng.standard_normal((M, K)).astype(np.float32)
-    y0 = rng.standard_normal((M, N)).astype(np.float32)
-    wq = oq.upload_quant(gpu, q, N, K, dtype, "w", bias=gpu.upload(b))
-    got = _run_linear(gpu, wq, b, x, y0, act=ACT_GELU, accumulate=True, x_pad=x_pad, y_pad=1, xo=xo,
-                      batch_invariant=True)
+    _check_tiled(gpu, dtype, 130, 131, 224, ACT_GELU, 11, x_pad=x_pad, y_pad=1, xo=xo)
     assert used == ["matmul" if xo % 4 == 0 else "linear_quant"]
-    ref = act_ref(x.astype(np.float64) @ wd.T + b, ACT_GELU) + y0
-    scale = np.abs(x).astype(np.float64) @ np.abs(wd).T + np.abs(b) + np.abs(y0) + 1.0
-    assert np.all(np.abs(got - ref) <= 2e-6 * scale), float(np.max(np.abs(got - ref) / scale))
 
 
 @pytest.mark.parametrize("dtype", QTYPES)
@@ -147,19 +152,8 @@ def test_tiled_split_k_on_dequantised_weights(gpu, dtype):
     reduce_splits; rows bit-identical whatever M."""
     from voxtral_wgpu import ops
 
-    rng = np.random.default_rng(12)
-    M, N, K = 70, 131, 1184
-    assert ops.matmul_splits(N, K) == 3
-    q = ggml_quantize(rng.standard_normal((N, K)) / math.sqrt(K), dtype)
-    wd = oq.dequantize_blocks(q, N, K, dtype).astype(np.float64)
-    b = (0.1 * rng.standard_normal(N)).astype(np.float32)
-    x = rng.standard_normal((M, K)).astype(np.float32)
-    y0 = rng.standard_normal((M, N)).astype(np.float32)
-    wq = oq.upload_quant(gpu, q, N, K, dtype, "w", bias=gpu.upload(b))
-    got = _run_linear(gpu, wq, b, x, y0, act=ACT_SILU, accumulate=True, x_pad=4, y_pad=2, xo=8, batch_invariant=True)
-    ref = act_ref(x.astype(np.float64) @ wd.T + b, ACT_SILU) + y0
-    scale = np.abs(x).astype(np.float64) @ np.abs(wd).T + np.abs(b) + np.abs(y0) + 1.0
-    assert np.all(np.abs(got - ref) <= 2e-6 * scale), float(np.max(np.abs(got - ref) / scale))
+    assert ops.matmul_splits(131, 1184) == 3
+    got, wq, b, x, y0 = _check_tiled(gpu, dtype, 70, 131, 1184, ACT_SILU, 12, x_pad=4, y_pad=2, xo=8)
     few = _run_linear(gpu, wq, b, x[3:6], y0[3:6], act=ACT_SILU, accumulate=True, x_pad=0, y_pad=0, xo=0,
                       batch_invariant=True)
     assert np.array_equal(few.view(np.uint32), got[3:6].view(np.uint32))
