@@ -98,7 +98,7 @@ def _run_linear(gpu, w_q, b, x, y0, *, act, accumulate, x_pad, y_pad, xo=3, batc
        xo=st.sampled_from([0, 3, 8]), batch_invariant=st.booleans(), seed=st.integers(0, 2**16))
 def test_linear_matches_numpy_on_dequantised_weights(gpu, dtype, M, N, nb, act, has_bias, accumulate, x_pad, y_pad,
                                                       xo, batch_invariant, seed):
-    """Both kernels (matvec for 16-byte aligned x rows, 4 rows per dispatch up to 64 rows; tiled
+    """Both kernels (matvec for 16-byte aligned x rows, 4 rows per dispatch up to 16 rows; tiled
     otherwise and whenever batch-invariant), any epilogue."""
     rng = np.random.default_rng(seed)
     K = 32 * nb

@@ -73,12 +73,14 @@ def _matvec_ok(x: Mat, w) -> bool:
 
 
 MATVEC_ROWS = 4  # output columns per matvec workgroup (override ROWS): 4 beat 8 and 6 by 0.3 ms per step on an H100
-MATVEC_GROUPED_MAX = 64  # up to this many rows, stream the weights once per 4 rows (decoder prefill)
+# up to this many rows, stream the weights once per 4 rows; more (the decoder's 38-row prefill) take
+# matmul.wgsl with split K: H100, 38-row prefill, best of 3: BF16 84 -> 65 ms, Q4_0 117 -> 62 ms
+MATVEC_GROUPED_MAX = 16
 
 
 def _row_groups(x: Mat, w, batch_invariant: bool):
-    """Short batches (the decoder's 38-row prefill) are faster as matvec passes of 4 rows than as
-    a matmul with too few tiles to fill the GPU: the 4-row starts, or None for the normal path."""
+    """Short batches (5 .. MATVEC_GROUPED_MAX rows) as matvec passes of 4 rows rather than a matmul
+    with too few tiles to fill the GPU: the 4-row starts, or None for the normal path."""
     if batch_invariant or not 4 < x.rows <= MATVEC_GROUPED_MAX:
         return None
     if not _matvec_ok(Mat(x.buf, 4, x.cols, x.ld, x.off), w):

@@ -63,7 +63,7 @@ MATVEC_SPLITS = {"matvec": (4, 4, 2, 2), "matvec_qkv": (4, 8, 4, 1), "matvec_swi
 # pays where a workgroup covers many rows (q/k/v), not where workgroups are many and small (SwiGLU).
 MATVEC_STAGE = ("matvec_qkv",)
 MATVEC_STAGE_K = 3072
-SMALL_M_MATVEC = 64  # up to this many rows (not batch-invariant): matvec in groups of 4 rows
+SMALL_M_MATVEC = 16  # up to this many rows (not batch-invariant): matvec in groups of 4 rows (ops.MATVEC_GROUPED_MAX)
 LM_HEAD_ROWS = 65536  # matrices with at least this many rows use the LM-head split
 F16_HW = False  # scales decoded by unpack2x16float instead of integer ops (same speed measured)
 TILE = 64  # matmul output tile
@@ -237,8 +237,9 @@ def linear(gpu: Gpu, x, w: QuantWeight, y, *, act: int = 0, accumulate: bool = F
     if norm is not None and not use_mv:
         raise ValueError("ops_quant.linear(norm=...) needs the matvec path (see matvec_ok)")
     if (not use_mv and x.rows <= SMALL_M_MATVEC and not batch_invariant and x.off % 4 == 0 and x.ld % 4 == 0):
-        # a few rows (the decoder prefill): the decode kernel 4 rows at a time beats 64x64 tiles that
-        # leave most of the GPU idle (38-row prompt on an H100: 600 -> 210 ms)
+        # a few rows: the decode kernel 4 rows at a time rather than tiles that leave most of the GPU
+        # idle (the 38-row prefill was 600 -> 210 ms this way against 64x64 tiles, and is 117 -> 62 ms
+        # back on matmul.wgsl with split K: ops.MATVEC_GROUPED_MAX)
         for r0 in range(0, x.rows, MATVEC_MAX_M):
             n = min(MATVEC_MAX_M, x.rows - r0)
             linear(gpu, x.take(r0, n), w, y.take(r0, n), act=act, accumulate=accumulate)

@@ -30,7 +30,7 @@ function matvecOk(x, w) {
 }
 
 export const MATVEC_ROWS = 4; // ops.MATVEC_ROWS
-export const MATVEC_GROUPED_MAX = 64;
+export const MATVEC_GROUPED_MAX = 16; // ops.MATVEC_GROUPED_MAX: more rows (the prefill) take matmul.wgsl with split K
 
 function rowGroups(x, w, batchInvariant) {
   if (batchInvariant || !(x.rows > 4 && x.rows <= MATVEC_GROUPED_MAX)) return null;
