@@ -140,8 +140,9 @@ def matmul_tiles(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate
         step = max(1, min(x.rows, gpu.max_binding // (4 * splits * nrows)))
         for r0 in range(0, x.rows, step):
             rows = min(step, x.rows - r0)
-            nbytes = 4 * splits * rows * nrows
-            part = (gpu.scratch(nbytes), 0, nbytes)  # the used range: the buffer may exceed one binding
+            # the used range (the buffer may exceed one binding), whole vec4s: reduce_splits reads it so
+            nbytes = -(-4 * splits * rows * nrows // 16) * 16
+            part = (gpu.scratch(nbytes), 0, nbytes)
             params = pack_params(rows, nrows, w.k, x.ld, x.off + r0 * x.ld, nrows, 0, 0, 0, 0, 0, sc,
                                  MATMUL_SPLIT_K, splits)
             gpu.dispatch(gpu.kernel("matmul", "matmul", BM=bm, W_QUANT=w_quant, SPLIT=True), params,

@@ -196,8 +196,9 @@ function matmulTiles(gpu, x, w, y, { act = ACT_NONE, accumulate = false, wQuant 
     const step = Math.max(1, Math.min(x.rows, Math.floor(gpu.maxBinding / (4 * splits * nrows))));
     for (let r0 = 0; r0 < x.rows; r0 += step) {
       const rows = Math.min(step, x.rows - r0);
-      const nbytes = 4 * splits * rows * nrows;
-      const part = [gpu.scratch(nbytes), 0, nbytes]; // the used range: the buffer may exceed one binding
+      // the used range (the buffer may exceed one binding), whole vec4s: reduce_splits reads it so
+      const nbytes = Math.ceil((4 * splits * rows * nrows) / 16) * 16;
+      const part = [gpu.scratch(nbytes), 0, nbytes];
       let params = packParams(rows, nrows, w.k, x.ld, x.off + r0 * x.ld, nrows, 0, 0, 0, 0, 0, sc, MATMUL_SPLIT_K, splits);
       gpu.dispatch(gpu.kernel("matmul", "matmul", { BM: bm, W_QUANT: wQuant, SPLIT: true }), params, [x.buf, buf, buf, part],
         [cdiv(nrows, 128), cdiv(rows, bm), splits]);
