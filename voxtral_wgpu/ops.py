@@ -137,7 +137,7 @@ def matmul_tiles(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate
             continue
         # rows per pass: the partial sums [splits, rows, nrows] fit one binding (a row's result does
         # not depend on its pass)
-        step = max(1, min(x.rows, gpu.max_binding // (4 * splits * nrows)))
+        step = max(1, min(x.rows, (gpu.max_binding - 16) // (4 * splits * nrows)))
         for r0 in range(0, x.rows, step):
             rows = min(step, x.rows - r0)
             # the used range (the buffer may exceed one binding), whole vec4s: reduce_splits reads it so

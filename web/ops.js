@@ -193,7 +193,7 @@ function matmulTiles(gpu, x, w, y, { act = ACT_NONE, accumulate = false, wQuant 
       continue;
     }
     // rows per pass: the partial sums [splits, rows, nrows] fit one binding
-    const step = Math.max(1, Math.min(x.rows, Math.floor(gpu.maxBinding / (4 * splits * nrows))));
+    const step = Math.max(1, Math.min(x.rows, Math.floor((gpu.maxBinding - 16) / (4 * splits * nrows))));
     for (let r0 = 0; r0 < x.rows; r0 += step) {
       const rows = Math.min(step, x.rows - r0);
       // the used range (the buffer may exceed one binding), whole vec4s: reduce_splits reads it so
