@@ -1,5 +1,5 @@
 // attention.wgsl — causal sliding-window attention over a ring-buffer KV cache (GQA), in blocks of
-// 64 query rows x 64-key tiles (encoder, adapter-side batches, decoder prefill).
+// 64 query rows x 64-key tiles (encoder batches, decoder prefill).
 //
 //   out[r, h, :] = sum_j softmax_j( q[r, h, :] . k[j, h / group, :] * scale ) v[j, h / group, :]
 //   over key positions j with  pos - window < j <= pos,  pos = pos0 + r   (the window counts the
