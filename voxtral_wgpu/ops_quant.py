@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import ops
 from .gpu import Gpu, groups_2d, pack_params
 
 QTYPES = ("q4_0", "q8_0")
@@ -63,7 +64,6 @@ MATVEC_SPLITS = {"matvec": (4, 4, 2, 2), "matvec_qkv": (4, 8, 4, 1), "matvec_swi
 # pays where a workgroup covers many rows (q/k/v), not where workgroups are many and small (SwiGLU).
 MATVEC_STAGE = ("matvec_qkv",)
 MATVEC_STAGE_K = 3072
-SMALL_M_MATVEC = 16  # up to this many rows (not batch-invariant): matvec in groups of 4 rows (ops.MATVEC_GROUPED_MAX)
 LM_HEAD_ROWS = 65536  # matrices with at least this many rows use the LM-head split
 F16_HW = False  # scales decoded by unpack2x16float instead of integer ops (same speed measured)
 TILE = 64  # matmul output tile
@@ -236,20 +236,18 @@ def linear(gpu: Gpu, x, w: QuantWeight, y, *, act: int = 0, accumulate: bool = F
     use_mv = matvec_ok(x, w, batch_invariant=batch_invariant)
     if norm is not None and not use_mv:
         raise ValueError("ops_quant.linear(norm=...) needs the matvec path (see matvec_ok)")
-    if (not use_mv and x.rows <= SMALL_M_MATVEC and not batch_invariant and x.off % 4 == 0 and x.ld % 4 == 0):
+    aligned = x.off % 4 == 0 and x.ld % 4 == 0
+    if not use_mv and aligned and not batch_invariant and x.rows <= ops.MATVEC_GROUPED_MAX:
         # a few rows: the decode kernel 4 rows at a time rather than tiles that leave most of the GPU
-        # idle (the 38-row prefill was 600 -> 210 ms this way against 64x64 tiles, and is 117 -> 62 ms
-        # back on matmul.wgsl with split K: ops.MATVEC_GROUPED_MAX)
+        # idle (the threshold is the dense path's: ops.MATVEC_GROUPED_MAX)
         for r0 in range(0, x.rows, MATVEC_MAX_M):
             n = min(MATVEC_MAX_M, x.rows - r0)
             linear(gpu, x.take(r0, n), w, y.take(r0, n), act=act, accumulate=accumulate)
         return
-    if not use_mv and x.off % 4 == 0 and x.ld % 4 == 0:
+    if not use_mv and aligned:
         # matmul.wgsl's register-blocked tiles, dequantising each K slice as it is staged
-        from .ops import matmul_tiles
-
-        matmul_tiles(gpu, x, w, y, act=act, accumulate=accumulate, w_quant=8 if w.dtype == "q8_0" else 4,
-                     scale_offset=lambda chunk: _sc(w, chunk))
+        ops.matmul_tiles(gpu, x, w, y, act=act, accumulate=accumulate, w_quant=8 if w.dtype == "q8_0" else 4,
+                         scale_offset=lambda chunk: _sc(w, chunk))
         return
     if use_mv:
         kern, rows_per_group = _matvec_kernel(gpu, w, x.rows, norm=norm is not None)
