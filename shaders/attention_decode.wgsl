@@ -124,21 +124,13 @@ fn v_pair(i: u32) -> vec2<f32> {  // value elements i, i + 1 (i even)
 
 const CHUNK: u32 = 256u;
 const HB: u32 = 4u;  // query heads per pass
-const RED: u32 = 2048u;  // f32 elements of the reduction memory (16 KiB of workgroup memory in all)
-var<workgroup> qs: array<vec4<f32>, 256>;   // [HB][hd/4]
-var<workgroup> prob: array<vec4<f32>, 256>; // [key] -> 4 heads' scores, then probabilities
-var<workgroup> vt: array<f32, RED>;         // softmax reductions (as vec4 [256]), then the key groups' sums
-
-fn red_get(i: u32) -> vec4<f32> {
-    return vec4<f32>(vt[4u * i], vt[4u * i + 1u], vt[4u * i + 2u], vt[4u * i + 3u]);
-}
-
-fn red_set(i: u32, v: vec4<f32>) {
-    vt[4u * i] = v.x;
-    vt[4u * i + 1u] = v.y;
-    vt[4u * i + 2u] = v.z;
-    vt[4u * i + 3u] = v.w;
-}
+// Workgroup memory, 12 KiB in all (qs does three jobs, separated by barriers):
+//   prob  the step's own key [hd/4] while scoring, then [key] -> the 4 heads' probabilities
+//   qs    the 4 query heads [HB][hd/4] while scoring (vec4 0..255) beside the softmax reductions
+//         (256..511); then the key groups' partial sums: vec4 2 * (kg * np + lane) + i holds dim
+//         2 * lane + i of key group kg, 4 heads
+var<workgroup> prob: array<vec4<f32>, 256>;
+var<workgroup> qs: array<vec4<f32>, 512>;
 
 fn wrap(sl: u32) -> u32 {  // ring slot of k0 % cap + i, i < n_keys <= cap: one wrap at most
     return select(sl, sl - p.cap, sl >= p.cap);
@@ -161,16 +153,42 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     let hd4 = hd / 4u;
     let group = p.n_heads / p.n_kv_heads;
     let kv_w4 = p.n_kv_heads * hd4;
+    let kv_w = p.n_kv_heads * hd;
     let k0 = first_key() + c * CHUNK;
     let n_keys = min(CHUNK, p.pos + 1u - k0);
     let j = k0 + tid;
     let slot = j % p.cap;
     let has_row = k0 + n_keys - 1u == p.pos;  // this chunk ends with the step's own key (the last chunk)
+    let n_ring = n_keys - select(0u, 1u, has_row);  // the row's own key and value are not in the ring yet
     let q4 = p.q_off / 4u;
     let k_row = q4 + (p.n_heads + kvh) * hd4;  // this kv head's k in the qkv row (vec4 index)
+    // value phase layout: key group kg = tid / np takes keys kg, kg + ng, ...; its invocation `lane`
+    // owns dims 2*lane and 2*lane + 1 of all 4 heads
+    let np = dv / 2u;  // invocations per key row
+    let ng = 256u / np;  // key groups
+    let kg = tid / np;
+    let lane = tid - kg * np;
+    let s0 = k0 % p.cap;
+    let col = kvh * hd + vsplit * dv + 2u * lane;
+    // the row's own value (the same for every pass below)
+    let e_own = p.q_off + (p.n_heads + p.n_kv_heads) * hd + col;  // v of the qkv row (even element)
+    let v4_own = q[e_own / 4u];
+    let v_own = stored2(select(v4_own.xy, v4_own.zw, (e_own & 2u) != 0u));
+    // the step's own key and value into the ring, for later steps (one workgroup per kv head; no
+    // workgroup of this dispatch reads that slot from the ring)
+    if (has_row && vsplit == 0u) {
+        if (tid < hd4) {
+            store_key4((p.pos % p.cap) * kv_w4 + kvh * hd4 + tid, row_key4(k_row, tid));
+        }
+    }
+    if (has_row && kg == 0u) {
+        store_v_pair((p.pos % p.cap) * kv_w + col, v_own);
+    }
+    let own = j == p.pos;
+    let kb = slot * kv_w4 + kvh * hd4;
     for (var h0 = 0u; h0 < group; h0 += HB) {
         let nh = min(HB, group - h0);
-        // stage the (up to) 4 query heads of this pass
+        // stage the (up to) 4 query heads of this pass, rotated
         for (var i = tid; i < HB * hd4; i += 256u) {
             let hh = i / hd4;
             var v = vec4<f32>(0.0);
@@ -180,21 +198,15 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             qs[i] = v;
         }
         // the step's own key, rotated and rounded as stored, into prob (free until the softmax), by
-        // hd/4 invocations at once; one workgroup per kv head also appends it to the ring
+        // hd/4 invocations at once
         if (has_row && tid < hd4) {
-            let kv = row_key4(k_row, tid);
-            prob[tid] = kv;
-            if (vsplit == 0u && h0 == 0u) {
-                store_key4((p.pos % p.cap) * kv_w4 + kvh * hd4 + tid, kv);
-            }
+            prob[tid] = row_key4(k_row, tid);
         }
         workgroupBarrier();
         // scores: invocation tid scores key k0 + tid against the 4 heads
         var s = vec4<f32>(-3.0e38);
         if (tid < n_keys) {
             var acc = vec4<f32>(0.0);
-            let kb = slot * kv_w4 + kvh * hd4;
-            let own = j == p.pos;  // one loop for all (a separate loop for this key ran ~4 us longer)
             for (var d = 0u; d < hd4; d++) {
                 let kv = select(key4(kb + d), prob[d], own);
                 acc += vec4<f32>(dot(qs[d], kv), dot(qs[hd4 + d], kv), dot(qs[2u * hd4 + d], kv),
@@ -202,45 +214,37 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             }
             s = acc * p.scale;
         }
-        red_set(tid, s);
+        // softmax over the chunk (the scores in qs[256..], free while scoring)
+        qs[256u + tid] = s;
         workgroupBarrier();
         for (var st = 128u; st > 0u; st >>= 1u) {
             if (tid < st) {
-                red_set(tid, max(red_get(tid), red_get(tid + st)));
+                qs[256u + tid] = max(qs[256u + tid], qs[256u + tid + st]);
             }
             workgroupBarrier();
         }
-        let m = red_get(0u);
+        let m = qs[256u];
         workgroupBarrier();
         var pr = vec4<f32>(0.0);
         if (tid < n_keys) {
             pr = exp(s - m);
         }
         prob[tid] = pr;
-        red_set(tid, pr);
+        qs[256u + tid] = pr;
         workgroupBarrier();
         for (var st = 128u; st > 0u; st >>= 1u) {
             if (tid < st) {
-                red_set(tid, red_get(tid) + red_get(tid + st));
+                qs[256u + tid] = qs[256u + tid] + qs[256u + tid + st];
             }
             workgroupBarrier();
         }
-        let l = red_get(0u);
-        workgroupBarrier();  // everyone has read m and l before vt is reused below
-        // accumulate: key group kg = tid / np takes keys kg, kg + ng, ...; its invocation `lane` owns
-        // dims 2*lane and 2*lane + 1 of all 4 heads. Each invocation's value loads are independent
-        // (no per-key barrier or tile copy), then the key groups' partial sums meet in vt.
-        let kv_w = p.n_kv_heads * hd;
-        let np = dv / 2u;  // invocations per key row
-        let ng = 256u / np;  // key groups
-        let kg = tid / np;
-        let lane = tid - kg * np;
+        let l = qs[256u];
+        workgroupBarrier();
+        // accumulate: every invocation's value loads are independent (no per-key barrier or tile
+        // copy), then the key groups' partial sums meet in qs
         var a0 = vec4<f32>(0.0);  // dim 2*lane, heads 0..3
         var a1 = vec4<f32>(0.0);  // dim 2*lane + 1
         if (kg < ng) {
-            let s0 = k0 % p.cap;
-            let col = kvh * hd + vsplit * dv + 2u * lane;
-            let n_ring = n_keys - select(0u, 1u, has_row);  // the row's own value is not in the ring yet
             var i = kg;
             for (; i + 3u * ng < n_ring; i += 4u * ng) {  // four keys' loads in flight
                 let va = v_pair(wrap(s0 + i) * kv_w + col);
@@ -260,30 +264,22 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
                 a0 += pr * v2.x;
                 a1 += pr * v2.y;
             }
-            if (has_row && kg == 0u) {  // key group 0 adds the row's own value and stores its dims of it
-                let e = p.q_off + (p.n_heads + p.n_kv_heads) * hd + col;  // v of the qkv row, even
-                let v4 = q[e / 4u];
-                let v2 = stored2(select(v4.xy, v4.zw, (e & 2u) != 0u));
+            if (has_row && kg == 0u) {  // key group 0 adds the row's own value
                 let pr = prob[n_ring];
-                a0 += pr * v2.x;
-                a1 += pr * v2.y;
-                if (h0 == 0u) {
-                    store_v_pair((p.pos % p.cap) * kv_w + col, v2);
-                }
+                a0 += pr * v_own.x;
+                a1 += pr * v_own.y;
             }
-            let o = (kg * np + lane) * 8u;
-            vt[o] = a0.x; vt[o + 1u] = a0.y; vt[o + 2u] = a0.z; vt[o + 3u] = a0.w;
-            vt[o + 4u] = a1.x; vt[o + 5u] = a1.y; vt[o + 6u] = a1.z; vt[o + 7u] = a1.w;
+            qs[2u * (kg * np + lane)] = a0;
+            qs[2u * (kg * np + lane) + 1u] = a1;
         }
         workgroupBarrier();
         // sum the key groups: output element e = (head hh, dim d) of this pass
         for (var e = tid; e < nh * dv; e += 256u) {
             let hh = e / dv;
             let dl = e - hh * dv;
-            let idx = dl * 4u + hh;  // within one key group's np * 8 floats: [dim][head]
             var acc = 0.0;
             for (var g = 0u; g < ng; g++) {
-                acc += vt[g * np * 8u + idx];
+                acc += qs[2u * g * np + dl][hh];
             }
             let d = vsplit * dv + dl;
             let h = kvh * group + h0 + hh;
