@@ -12,7 +12,7 @@ Tolerances (|gpu - ref| elementwise; "NaN never passes"):
   attention   2e-5 * (1 + |ref|)
   swiglu      2e-5 * |ref| + 1e-6  (WGSL exp is only accurate to 3 + 2|x| ulp)
   embed       bit-exact against the f32 sum audio + E (WGSL '+' is correctly rounded)
-  argmax, kv_write   exact
+  argmax, kv_write, ring_copy   exact
 Every output buffer is pre-filled with a random guard pattern and the elements an op must not
 write are checked bit-for-bit afterwards.
 
@@ -527,6 +527,32 @@ def run_attention_stream(gpu, S, *, n_heads, n_kv_heads, head_dim, window, chunk
     vc = S.get(S.w1, cap * width).reshape(cap, width)
     for slot, p in last_written.items():
         assert np.array_equal(kc[slot], keys[p]) and np.array_equal(vc[slot], values[p]), f"kv slot {slot} pos {p}"
+
+
+@pytest.mark.parametrize("src_cap,dst_cap,first,count,width", [
+    (7, 5, 3, 5, 3),               # both rings wrap, odd width
+    (12, 749, 10**6 + 3, 12, 16),  # source full, destination much larger, huge positions
+    (1261, 749, 2**31 + 11, 749, 1024),  # the encoder's shapes at 512 rows (f16, 32 x 64 heads)
+    (9, 9, 0, 1, 1),
+])
+def test_ring_copy(gpu, S, src_cap, dst_cap, first, count, width):
+    """ring_copy: positions first .. first + count - 1 land at slot p % dst_cap bit for bit (NaN
+    patterns included); every other destination word keeps its value."""
+    rng = np.random.default_rng(src_cap + first)
+    src_k = rng.integers(0, 2**32, (src_cap, width), dtype=np.uint32)
+    src_v = rng.integers(0, 2**32, (src_cap, width), dtype=np.uint32)
+    src_k[0, 0] = 0x7FA00001  # a signalling NaN as f32 (a float copy could quiet it)
+    src_v[-1, -1] = 0xFFFF7E01  # f16 pair: NaN, finite
+    dst_k = rng.integers(0, 2**32, (dst_cap, width), dtype=np.uint32)
+    dst_v = rng.integers(0, 2**32, (dst_cap, width), dtype=np.uint32)
+    for buf, a in ((S.w0, src_k), (S.w1, src_v), (S.x, dst_k), (S.y, dst_v)):
+        S.put(buf, a)
+    ops.ring_copy(gpu, S.w0, S.w1, src_cap, S.x, S.y, dst_cap, first, count, 4 * width)
+    want_k, want_v = dst_k.copy(), dst_v.copy()
+    for pos in range(first, first + count):
+        want_k[pos % dst_cap], want_v[pos % dst_cap] = src_k[pos % src_cap], src_v[pos % src_cap]
+    assert np.array_equal(S.get(S.x, dst_cap * width, np.uint32).reshape(dst_cap, width), want_k)
+    assert np.array_equal(S.get(S.y, dst_cap * width, np.uint32).reshape(dst_cap, width), want_v)
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4, 8])

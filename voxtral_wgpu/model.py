@@ -26,11 +26,11 @@ MEL_FRAMES_PER_POSITION = 8  # 80 ms of 10 ms hops
 ENC_FRAMES_PER_POSITION = 4  # after the stride-2 conv
 CONV0_CONTEXT = 3  # mel frames carried into a chunk: conv0 (k3, left pad 2) + one frame to rebuild g0[-1]
 MAX_CHUNK_POSITIONS = 32  # default positions per encoder batch (128 encoder rows); larger inputs are split
-OFFLINE_CHUNK_POSITIONS = 128  # whole files: bigger encoder batches keep the GPU busy (512 rows)
-# ... with f16 caches (quantised models, kept within the GPU memory target: the encoder ring holds
-# window + batch - 1 rows). H100, Q4_0, 60 s offline: 32 positions 42.1 ms of encoder per audio second,
-# peak 2.65 GiB; 48: 25.3 ms, 2.67 GiB; 64: 23.2 ms, 2.69 GiB (target 2.7)
-LEAN_OFFLINE_CHUNK_POSITIONS = 48
+# Whole files: bigger encoder batches keep the GPU busy (512 rows). Quantised models used 48 while
+# every encoder layer kept a ring of window + batch - 1 rows (the 2.7 GiB target); with one shared
+# ring (_EncoderState) H100, Q4_0, 30 s through the encoder / peak of a 60 s transcription: 48
+# positions 0.369 s / 2.643 GiB, 96: 0.306 s / 2.675, 112: 0.292 s / 2.685, 128: 0.275 s / 2.695 GiB.
+OFFLINE_CHUNK_POSITIONS = 128
 TOKEN_RING = 4096  # token-id ring on the GPU (prompt + generated), read back every READBACK_STEPS
 READBACK_STEPS = 16  # ... each copy taken READBACK_STEPS steps after it was recorded, so no read drains the queue
 KV_CACHE_TYPES = ("f32", "f16")
@@ -82,7 +82,7 @@ class Model:
             raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_TYPES)}, not {kv_cache!r}")
         self.kv_cache = kv_cache
         self.kv_f16 = kv_cache == "f16"
-        self.offline_chunk_positions = LEAN_OFFLINE_CHUNK_POSITIONS if self.kv_f16 else OFFLINE_CHUNK_POSITIONS
+        self.offline_chunk_positions = OFFLINE_CHUNK_POSITIONS  # transcribe()'s encoder batch (positions)
 
     def ffn_norms(self, n_delay: int) -> list:
         """Decoder FFN norm weights with the delay's ada scale folded in (``g * (1 + s)``), on the GPU."""
@@ -115,8 +115,17 @@ class _EncoderState:
     out: object  # f32 [S, 1280]  after the final norm = [S/4, 5120] adapter input
     a1: object  # f32 [S/4, 3072]  adapter hidden
     rope: object  # f32 [S, head_dim/2, 2]
-    k_cache: list  # per layer [cap, n_kv_heads*head_dim], f32 or f16 (Model.kv_cache)
-    v_cache: list
+    # Keys and values, f32 or f16 (Model.kv_cache), rows of n_kv_heads*head_dim, position p at slot
+    # p % capacity. A chunk's queries see window - 1 earlier positions and the chunk's own, so each
+    # layer keeps only its last window - 1 positions (k_hist / v_hist, capacity hist); the chunk
+    # attends through one ring shared by all layers (k_work / v_work, capacity cap = window + S - 1:
+    # the layer's history is copied in, the chunk's rows written, and the new rows copied back out).
+    # A ring of window + S - 1 rows per layer held 118 MiB more at S = 512 with f16 (32 layers).
+    k_hist: list  # per layer [hist, kv width]
+    v_hist: list
+    hist: int
+    k_work: object  # [cap, kv width]
+    v_work: object
     cap: int
 
 
@@ -188,6 +197,7 @@ class Session:
         f, fkv = 4, self.kv_bytes
         eq, ekv = e.n_heads * e.head_dim, e.n_kv_heads * e.head_dim
         cap = e.sliding_window + S - 1  # every key a chunk's queries can see survives the chunk's writes
+        hist = e.sliding_window - 1  # earlier positions the next chunk's first query sees
         return _EncoderState(
             mel=g.empty(f * (CONV0_CONTEXT + 2 * S) * e.num_mel_bins, "enc.mel"),
             g0=g.empty(f * (1 + 2 * S) * e.dim, "enc.g0"),
@@ -198,8 +208,10 @@ class Session:
             out=g.empty(f * S * e.dim, "enc.out"),
             a1=g.empty(f * self.chunk_positions * self.cfg.decoder.dim, "adapter.a1"),
             rope=g.empty(f * S * e.head_dim, "enc.rope"),
-            k_cache=[g.empty(fkv * cap * ekv, f"enc.k_cache{i}") for i in range(e.n_layers)],
-            v_cache=[g.empty(fkv * cap * ekv, f"enc.v_cache{i}") for i in range(e.n_layers)],
+            k_hist=[g.empty(fkv * max(hist, 1) * ekv, f"enc.k_hist{i}") for i in range(e.n_layers)],
+            v_hist=[g.empty(fkv * max(hist, 1) * ekv, f"enc.v_hist{i}") for i in range(e.n_layers)],
+            hist=hist,
+            k_work=g.empty(fkv * cap * ekv, "enc.k_work"), v_work=g.empty(fkv * cap * ekv, "enc.v_work"),
             cap=cap,
         )
 
@@ -326,14 +338,21 @@ class Session:
         att, f1, f3 = Mat.of(st.att, S, eq), Mat.of(st.f1, S, e.hidden_dim), Mat.of(st.f3, S, e.hidden_dim)
         # batch_invariant everywhere: a row's result must not depend on how positions were batched
         # (streaming chunks vs offline batches), or streaming would drift from offline by rounding.
+        row_bytes = self.kv_bytes * ekv
+        seen = min(p0, st.hist)  # earlier positions the chunk's queries see, p0 - seen .. p0 - 1
+        kept = min(S, st.hist)  # the chunk's positions the next chunk sees
         for i, layer in enumerate(w.enc_layers):
             ops.qkv_proj(g, h, layer.wq, layer.wk, layer.wv, qkv, norm=layer.attention_norm, eps=e.norm_eps,
                          scratch=xb, batch_invariant=True)
-            ops.rope_qkv(g, st.rope, qkv, st.k_cache[i], st.v_cache[i], n_heads=e.n_heads, n_kv_heads=e.n_kv_heads,
+            ops.ring_copy(g, st.k_hist[i], st.v_hist[i], st.hist, st.k_work, st.v_work, st.cap, p0 - seen, seen,
+                          row_bytes)
+            ops.rope_qkv(g, st.rope, qkv, st.k_work, st.v_work, n_heads=e.n_heads, n_kv_heads=e.n_kv_heads,
                          head_dim=e.head_dim, pos0=p0, cap=st.cap, kv_f16=self.kv_f16)
-            ops.attention(g, qkv.cols_(0, eq), st.k_cache[i], st.v_cache[i], att, n_heads=e.n_heads,
+            ops.attention(g, qkv.cols_(0, eq), st.k_work, st.v_work, att, n_heads=e.n_heads,
                           n_kv_heads=e.n_kv_heads, head_dim=e.head_dim, pos0=p0, window=e.sliding_window, cap=st.cap,
                           kv_f16=self.kv_f16)
+            ops.ring_copy(g, st.k_work, st.v_work, st.cap, st.k_hist[i], st.v_hist[i], st.hist, p0 + S - kept, kept,
+                          row_bytes)
             ops.linear(g, att, layer.wo, h, accumulate=True, batch_invariant=True)
             ops.swiglu_ffn_in(g, h, layer.w1, layer.w3, f1, norm=layer.ffn_norm, eps=e.norm_eps, scratch=xb, tmp=f3,
                               batch_invariant=True)

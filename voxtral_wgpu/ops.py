@@ -299,12 +299,25 @@ def rope(gpu: Gpu, table, v: Mat, n_heads: int, head_dim: int) -> None:
 
 
 def kv_write(gpu: Gpu, k_new: Mat, v_new: Mat, k_cache, v_cache, pos0: int, cap: int) -> None:
-    """Store rows of ``k_new``/``v_new [rows, width]`` at ring slots ``(pos0 + r) % cap``."""
-    assert k_new.ld == v_new.ld and k_new.rows == v_new.rows
+    """Store rows of ``k_new``/``v_new [rows, width]`` (f32) at ring slots ``(pos0 + r) % cap``."""
+    assert k_new.ld == v_new.ld and k_new.rows == v_new.rows and k_new.rows <= cap
     kern = gpu.kernel("kv_cache", "kv_write")
     n = k_new.rows * k_new.cols
-    gpu.dispatch(kern, pack_params(k_new.rows, k_new.cols, k_new.ld, k_new.off, v_new.off, pos0 % cap, cap),
+    gpu.dispatch(kern, pack_params(k_new.rows, k_new.cols, k_new.ld, k_new.off, v_new.off, pos0 % cap, cap, 0, 1),
                  [k_new.buf, v_new.buf, k_cache, v_cache], _flat_groups(n))
+
+
+def ring_copy(gpu: Gpu, src_k, src_v, src_cap: int, dst_k, dst_v, dst_cap: int, first: int, count: int,
+              row_bytes: int) -> None:
+    """Copy positions ``first .. first + count - 1`` of a key / value ring pair (position p at slot
+    ``p % src_cap``, ``row_bytes`` per slot) into another pair (slot ``p % dst_cap``), bit for bit."""
+    if count <= 0:
+        return
+    assert count <= min(src_cap, dst_cap) and row_bytes % 4 == 0
+    width = row_bytes // 4
+    params = pack_params(count, width, 0, 0, 0, first % dst_cap, dst_cap, first % src_cap, src_cap)
+    gpu.dispatch(gpu.kernel("kv_cache", "ring_copy"), params, [src_k, src_v, dst_k, dst_v],
+                 _flat_groups(count * width))
 
 
 DECODE_CHUNK = 256  # keys per workgroup of attention_decode.wgsl

@@ -9,7 +9,6 @@ export const ENC_FRAMES_PER_POSITION = 4;
 export const CONV0_CONTEXT = 3;
 export const MAX_CHUNK_POSITIONS = 32;
 export const OFFLINE_CHUNK_POSITIONS = 128;
-export const LEAN_OFFLINE_CHUNK_POSITIONS = 48; // model.py's: offline batches with f16 caches (memory target)
 export const TOKEN_RING = 4096;
 export const READBACK_STEPS = 16;
 export const SAMPLES_PER_TOKEN = 1280;
@@ -202,7 +201,7 @@ export class Model {
     this.kvCache = kvCache ?? (quantized ? "f16" : "f32");
     if (!["f32", "f16"].includes(this.kvCache)) throw new Error(`kvCache must be f32 or f16, not ${kvCache}`);
     this.kvF16 = this.kvCache === "f16";
-    this.offlineChunkPositions = this.kvF16 ? LEAN_OFFLINE_CHUNK_POSITIONS : OFFLINE_CHUNK_POSITIONS;
+    this.offlineChunkPositions = OFFLINE_CHUNK_POSITIONS;
   }
   ffnNorms(nDelay) {
     if (!this._ffnNorms.has(nDelay)) {
@@ -252,7 +251,8 @@ export class Session {
     const g = this.gpu, e = this.cfg.encoder, f = 4, fkv = this.kvBytes;
     const S = ENC_FRAMES_PER_POSITION * this.chunkPositions;
     const eq = e.n_heads * e.head_dim, ekv = e.n_kv_heads * e.head_dim;
-    const cap = e.sliding_window + S - 1;
+    const cap = e.sliding_window + S - 1; // the shared ring (model.py _EncoderState: why)
+    const hist = e.sliding_window - 1; // each layer's last positions, kept for the next chunk
     return {
       mel: g.empty(f * (CONV0_CONTEXT + 2 * S) * e.num_mel_bins, "enc.mel"),
       g0: g.empty(f * (1 + 2 * S) * e.dim, "enc.g0"),
@@ -262,8 +262,10 @@ export class Session {
       out: g.empty(f * S * e.dim, "enc.out"),
       a1: g.empty(f * this.chunkPositions * this.cfg.decoder.dim, "adapter.a1"),
       rope: g.empty(f * S * e.head_dim, "enc.rope"),
-      kCache: Array.from({ length: e.n_layers }, (_, i) => g.empty(fkv * cap * ekv, `enc.k_cache${i}`)),
-      vCache: Array.from({ length: e.n_layers }, (_, i) => g.empty(fkv * cap * ekv, `enc.v_cache${i}`)),
+      kHist: Array.from({ length: e.n_layers }, (_, i) => g.empty(fkv * Math.max(hist, 1) * ekv, `enc.k_hist${i}`)),
+      vHist: Array.from({ length: e.n_layers }, (_, i) => g.empty(fkv * Math.max(hist, 1) * ekv, `enc.v_hist${i}`)),
+      hist,
+      kWork: g.empty(fkv * cap * ekv, "enc.k_work"), vWork: g.empty(fkv * cap * ekv, "enc.v_work"),
       cap,
     };
   }
@@ -381,10 +383,14 @@ export class Session {
     g.write(st.rope, ops.ropeTable(p0, S, e.head_dim, e.rope_theta));
     const xb = Mat.of(st.xb, S, e.dim), qkv = Mat.of(st.qkv, S, eq + 2 * ekv);
     const att = Mat.of(st.att, S, eq), f1 = Mat.of(st.f1, S, e.hidden_dim), f3 = Mat.of(st.f3, S, e.hidden_dim);
+    const rowBytes = this.kvBytes * ekv;
+    const seen = Math.min(p0, st.hist), kept = Math.min(S, st.hist);
     w.encLayers.forEach((layer, i) => {
       ops.qkvProj(g, h, layer.wq, layer.wk, layer.wv, qkv, { norm: layer.attention_norm, eps: e.norm_eps, scratch: xb, batchInvariant: true });
-      ops.ropeQkv(g, st.rope, qkv, st.kCache[i], st.vCache[i], { nHeads: e.n_heads, nKvHeads: e.n_kv_heads, headDim: e.head_dim, pos0: p0, cap: st.cap, kvF16: this.kvF16 });
-      ops.attention(g, qkv.cols_(0, eq), st.kCache[i], st.vCache[i], att, { nHeads: e.n_heads, nKvHeads: e.n_kv_heads, headDim: e.head_dim, pos0: p0, window: e.sliding_window, cap: st.cap, kvF16: this.kvF16 });
+      ops.ringCopy(g, st.kHist[i], st.vHist[i], st.hist, st.kWork, st.vWork, st.cap, p0 - seen, seen, rowBytes);
+      ops.ropeQkv(g, st.rope, qkv, st.kWork, st.vWork, { nHeads: e.n_heads, nKvHeads: e.n_kv_heads, headDim: e.head_dim, pos0: p0, cap: st.cap, kvF16: this.kvF16 });
+      ops.attention(g, qkv.cols_(0, eq), st.kWork, st.vWork, att, { nHeads: e.n_heads, nKvHeads: e.n_kv_heads, headDim: e.head_dim, pos0: p0, window: e.sliding_window, cap: st.cap, kvF16: this.kvF16 });
+      ops.ringCopy(g, st.kWork, st.vWork, st.cap, st.kHist[i], st.vHist[i], st.hist, p0 + S - kept, kept, rowBytes);
       ops.linear(g, att, layer.wo, h, { accumulate: true, batchInvariant: true });
       ops.swigluFfnIn(g, h, layer.w1, layer.w3, f1, { norm: layer.ffn_norm, eps: e.norm_eps, scratch: xb, tmp: f3, batchInvariant: true });
       ops.linear(g, f1, layer.w2, h, { accumulate: true, batchInvariant: true });

@@ -139,6 +139,15 @@ export function ropeQkv(gpu, table, qkv, kCache, vCache, { nHeads, nKvHeads, hea
     [table, qkv.buf, kCache, vCache], flatGroups(n));
 }
 
+/** Copy positions first .. first + count - 1 of a key / value ring pair (slot p % srcCap, rowBytes a
+ * slot) into another pair (slot p % dstCap), bit for bit (kv_cache.wgsl ring_copy; ops.ring_copy). */
+export function ringCopy(gpu, srcK, srcV, srcCap, dstK, dstV, dstCap, first, count, rowBytes) {
+  if (count <= 0) return;
+  const width = rowBytes / 4;
+  gpu.dispatch(gpu.kernel("kv_cache", "ring_copy"), packParams(count, width, 0, 0, 0, first % dstCap, dstCap, first % srcCap, srcCap),
+    [srcK, srcV, dstK, dstV], flatGroups(count * width));
+}
+
 export function rmsNorm(gpu, x, g, y, eps) {
   const k = gpu.kernel("rms_norm", "rms_norm");
   gpu.dispatch(k, packParams(x.rows, x.cols, x.ld, x.off, y.ld, y.off, f(eps)), [x.buf, g, y.buf], groups2d(x.rows));
