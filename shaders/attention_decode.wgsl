@@ -246,7 +246,27 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         var a1 = vec4<f32>(0.0);  // dim 2*lane + 1
         if (kg < ng) {
             var i = kg;
-            for (; i + 3u * ng < n_ring; i += 4u * ng) {  // four keys' loads in flight
+            for (; i + 7u * ng < n_ring; i += 8u * ng) {  // eight keys' loads in flight
+                let va = v_pair(wrap(s0 + i) * kv_w + col);
+                let vb = v_pair(wrap(s0 + i + ng) * kv_w + col);
+                let vc2 = v_pair(wrap(s0 + i + 2u * ng) * kv_w + col);
+                let vd = v_pair(wrap(s0 + i + 3u * ng) * kv_w + col);
+                let ve = v_pair(wrap(s0 + i + 4u * ng) * kv_w + col);
+                let vf = v_pair(wrap(s0 + i + 5u * ng) * kv_w + col);
+                let vg = v_pair(wrap(s0 + i + 6u * ng) * kv_w + col);
+                let vh = v_pair(wrap(s0 + i + 7u * ng) * kv_w + col);
+                let pa = prob[i];
+                let pb = prob[i + ng];
+                let pc = prob[i + 2u * ng];
+                let pd = prob[i + 3u * ng];
+                let pe = prob[i + 4u * ng];
+                let pf = prob[i + 5u * ng];
+                let pg = prob[i + 6u * ng];
+                let ph = prob[i + 7u * ng];
+                a0 += pa * va.x + pb * vb.x + pc * vc2.x + pd * vd.x + pe * ve.x + pf * vf.x + pg * vg.x + ph * vh.x;
+                a1 += pa * va.y + pb * vb.y + pc * vc2.y + pd * vd.y + pe * ve.y + pf * vf.y + pg * vg.y + ph * vh.y;
+            }
+            for (; i + 3u * ng < n_ring; i += 4u * ng) {  // four
                 let va = v_pair(wrap(s0 + i) * kv_w + col);
                 let vb = v_pair(wrap(s0 + i + ng) * kv_w + col);
                 let vc2 = v_pair(wrap(s0 + i + 2u * ng) * kv_w + col);
