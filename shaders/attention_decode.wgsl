@@ -28,8 +28,11 @@
 //   5  out     f32        [n_heads*hd] from o_off
 //   6  table   vec4<f32>  [hd/4]: (cos, sin) of pairs 2i, 2i + 1 of position pos
 //
-// Work split: partial: groups (n_chunks * value_split, n_kv_heads), 256 invocations = 256 keys when
-// scoring (query heads taken 4 at a time); the value_split workgroups of one (chunk, kv head) all
+// Work split: partial: groups (n_chunks * value_split, n_kv_heads), 256 invocations; scoring (query
+// heads taken 4 at a time) gives each key two invocations with half the dims each (one key per pair
+// up to 128 keys, two adjacent keys per pair above: H100, f16 ring, one key per invocation before,
+// context 64 / 150 / 1024: 13.1-13.6 / 13.4-13.6 / 24.4-24.6 -> 11.5-12.0 / 12.7-13.3 / 23.4-23.7 us);
+// the value_split workgroups of one (chunk, kv head) all
 // score the chunk (the keys come from L2 for all but the first) and each accumulates hd / value_split
 // of the value dims: with few chunks the value walk is a chain of load latencies on a few SMs (one
 // chunk x 8 kv heads = 8 workgroups), so more workgroups with shorter walks finish sooner; with
@@ -38,7 +41,7 @@
 // values, hd/(2 value_split) invocations per key row (two dims each, all 4
 // heads) and 256 / that many key groups striding over the chunk's keys: every invocation's value loads are
 // independent and coalesced along the row, and the key groups' partial sums are added in workgroup
-// memory at the end; each invocation issues four keys' loads before using any. (A tiled copy of
+// memory at the end; each invocation issues eight (then four) keys' loads before using any. (A tiled copy of
 // values into workgroup memory, or one invocation walking all keys per dim, both serialise on load
 // latency: H100, context 1024, f16 ring: 47 -> 29 us a call with the four-key unroll.) merge: groups (n_heads), 64 invocations over hd.
 
@@ -66,6 +69,7 @@ override KV_F16: bool = false;
 // the value phase's divisions get fixed trip counts and divisors, so drivers unroll them and keep
 // every key load in flight (with a runtime bound each loaded key waited for the previous one).
 override HEAD_DIM: u32 = 128u;
+override DH: u32 = (HEAD_DIM / 4u + 1u) / 2u;  // key vectors per half in the score loop
 
 fn key4(i4: u32) -> vec4<f32> {  // key elements 4*i4 .. 4*i4+3
     if (KV_F16) {
@@ -156,8 +160,6 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     let kv_w = p.n_kv_heads * hd;
     let k0 = first_key() + c * CHUNK;
     let n_keys = min(CHUNK, p.pos + 1u - k0);
-    let j = k0 + tid;
-    let slot = j % p.cap;
     let has_row = k0 + n_keys - 1u == p.pos;  // this chunk ends with the step's own key (the last chunk)
     let n_ring = n_keys - select(0u, 1u, has_row);  // the row's own key and value are not in the ring yet
     let q4 = p.q_off / 4u;
@@ -184,8 +186,19 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     if (has_row && kg == 0u) {
         store_v_pair((p.pos % p.cap) * kv_w + col, v_own);
     }
-    let own = j == p.pos;
-    let kb = slot * kv_w4 + kvh * hd4;
+    // scoring split: invocations kk and kk + 128 take the same key(s), half the dims each (hf, dims
+    // d0 .. d0 + DH - 1): key kk of the chunk, or keys 2kk and 2kk + 1 when it has more than 128
+    // (adjacent pairs, so only one warp has invocations with fewer keys than the rest)
+    let kk = tid % 128u;
+    let hf = tid / 128u;
+    let d0 = hf * DH;
+    let pairs = n_keys > 128u;
+    let key1 = select(kk, 2u * kk, pairs);
+    let key2 = 2u * kk + 1u;
+    let own1 = k0 + key1 == p.pos;
+    let own2 = k0 + key2 == p.pos;
+    let kb1 = ((k0 + key1) % p.cap) * kv_w4 + kvh * hd4;
+    let kb2 = ((k0 + key2) % p.cap) * kv_w4 + kvh * hd4;
     for (var h0 = 0u; h0 < group; h0 += HB) {
         let nh = min(HB, group - h0);
         // stage the (up to) 4 query heads of this pass, rotated
@@ -203,20 +216,49 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             prob[tid] = row_key4(k_row, tid);
         }
         workgroupBarrier();
-        // scores: invocation tid scores key k0 + tid against the 4 heads
-        var s = vec4<f32>(-3.0e38);
-        if (tid < n_keys) {
-            var acc = vec4<f32>(0.0);
-            for (var d = 0u; d < hd4; d++) {
-                let kv = select(key4(kb + d), prob[d], own);
-                acc += vec4<f32>(dot(qs[d], kv), dot(qs[hd4 + d], kv), dot(qs[2u * hd4 + d], kv),
-                                 dot(qs[3u * hd4 + d], kv));
+        // scores: each invocation takes half the dims of its key(s) (half the chain of q reads and
+        // key loads of one invocation per key; with pairs each q vector read serves both keys); the
+        // halves meet in qs[256..], free while scoring
+        var sc1 = vec4<f32>(0.0);
+        var sc2 = vec4<f32>(0.0);
+        if (pairs && key2 < n_keys) {  // two keys (separate loops: a branch inside kept loads from batching)
+            for (var i = 0u; i < DH; i++) {
+                let d = min(d0 + i, hd4 - 1u);
+                let on = select(0.0, 1.0, d0 + i < hd4);  // an odd hd/4 leaves half 1 one step short
+                let k1 = select(key4(kb1 + d), prob[d], own1) * on;
+                let k2 = select(key4(kb2 + d), prob[d], own2) * on;
+                let qa = qs[d];
+                let qb = qs[hd4 + d];
+                let qc = qs[2u * hd4 + d];
+                let qd = qs[3u * hd4 + d];
+                sc1 += vec4<f32>(dot(qa, k1), dot(qb, k1), dot(qc, k1), dot(qd, k1));
+                sc2 += vec4<f32>(dot(qa, k2), dot(qb, k2), dot(qc, k2), dot(qd, k2));
             }
-            s = acc * p.scale;
+        } else if (key1 < n_keys) {
+            for (var i = 0u; i < DH; i++) {
+                let d = min(d0 + i, hd4 - 1u);
+                let k1 = select(key4(kb1 + d), prob[d], own1) * select(0.0, 1.0, d0 + i < hd4);
+                sc1 += vec4<f32>(dot(qs[d], k1), dot(qs[hd4 + d], k1), dot(qs[2u * hd4 + d], k1),
+                                 dot(qs[3u * hd4 + d], k1));
+            }
         }
-        // softmax over the chunk (the scores in qs[256..], free while scoring)
-        qs[256u + tid] = s;
+        if (hf == 1u) {
+            qs[256u + key1] = sc1;
+            if (pairs) {
+                qs[256u + key2] = sc2;
+            }
+        }
         workgroupBarrier();
+        if (hf == 0u) {
+            qs[256u + key1] = select(vec4<f32>(-3.0e38), (sc1 + qs[256u + key1]) * p.scale, key1 < n_keys);
+            // the second key, or without pairs key kk + 128 (none: every key < 128)
+            let k2s = select(kk + 128u, key2, pairs);
+            qs[256u + k2s] = select(vec4<f32>(-3.0e38), (sc2 + qs[256u + k2s]) * p.scale, pairs && key2 < n_keys);
+        }
+        workgroupBarrier();
+        let s = qs[256u + tid];  // key k0 + tid
+        workgroupBarrier();
+        // softmax over the chunk
         for (var st = 128u; st > 0u; st >>= 1u) {
             if (tid < st) {
                 qs[256u + tid] = max(qs[256u + tid], qs[256u + tid + st]);
