@@ -56,8 +56,11 @@ MATVEC_MAX_M = 4  # rows of x handled by the matrix-vector kernel; more go to th
 # One workgroup's dependent dispatch costs ~4 us there, which bounds the small matrices; 44 other
 # splits of wo / w2 / SwiGLU timed since (benches/RESULTS.md) were all slower, and so was issuing each
 # loop step's loads before the previous step's arithmetic. qkv loads one block per step since
-# (4x8x4x3 -> 4x8x4x1: 13.2 -> 11.9 us per call; Q4_0 step 2.180 -> 2.148 ms).
-MATVEC_SPLITS = {"matvec": (4, 4, 2, 2), "matvec_qkv": (4, 8, 4, 1), "matvec_swiglu": (2, 8, 2, 3),
+# (4x8x4x3 -> 4x8x4x1: 13.2 -> 11.9 us per call; Q4_0 step 2.180 -> 2.148 ms). Three rows per
+# invocation (none of those 44 had it), 2026-11-26: qkv 4x8x4x1 -> 2x8x3x1 11.9 -> 11.0 us, SwiGLU
+# 2x8x2x3 -> 2x8x3x1 23.5 -> 20.7, wo / w2 4x4x2x2 -> 4x4x3x2 9.0 / 15.2 -> 8.7 / 14.3 (the LM head
+# stays: 2x8x3x1 120.6 against 117.2).
+MATVEC_SPLITS = {"matvec": (4, 4, 3, 2), "matvec_qkv": (2, 8, 3, 1), "matvec_swiglu": (2, 8, 3, 1),
                  "lm_head": (2, 8, 4, 1)}
 # Kinds whose kernel stages x * g in workgroup memory once per workgroup (MV_STAGE; with the norm, one
 # input row and K <= MATVEC_STAGE_K) instead of every invocation multiplying the x it reads by g: it

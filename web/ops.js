@@ -299,7 +299,7 @@ export const SC_ALIGN = 256;
 export const MATVEC_MAX_M = 4;
 // (MV_LW, MV_RG, MV_RPT, MV_UB) per decode kernel: ops_quant.MATVEC_SPLITS (a workgroup covers
 // MV_RG * MV_RPT output rows); MATVEC_STAGE: kinds staging x * g per workgroup (norm, one row, K <= 3072)
-export const MATVEC_SPLITS = { matvec: [4, 4, 2, 2], matvec_qkv: [4, 8, 4, 1], matvec_swiglu: [2, 8, 2, 3], lm_head: [2, 8, 4, 1] };
+export const MATVEC_SPLITS = { matvec: [4, 4, 3, 2], matvec_qkv: [2, 8, 3, 1], matvec_swiglu: [2, 8, 3, 1], lm_head: [2, 8, 4, 1] };
 export const MATVEC_STAGE = ["matvec_qkv"];
 export const MATVEC_STAGE_K = 3072;
 export const LM_HEAD_ROWS = 65536;
