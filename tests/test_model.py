@@ -34,7 +34,13 @@ def _session_with_taps(model, ref, mel):
     return s
 
 
-@pytest.mark.parametrize("spec", [TINY_SW, TINY_FULL, TINY_ODD], ids=["sw", "full", "odd"])
+# encoder windows of 1 and 2 positions: no earlier key kept between chunks (window - 1 = 0), or one
+TINY_ENC_WIN1 = TinySpec(enc_window=1, seed=11)
+TINY_ENC_WIN2 = TinySpec(enc_window=2, seed=12)
+
+
+@pytest.mark.parametrize("spec", [TINY_SW, TINY_FULL, TINY_ODD, TINY_ENC_WIN1, TINY_ENC_WIN2],
+                         ids=["sw", "full", "odd", "enc-win1", "enc-win2"])
 def test_encoder_stages_match_hf(tiny_model, spec):
     model, ref = tiny_model(spec)
     audio = synth_audio(3.3)  # 104 positions: several encoder chunks, windows crossed
