@@ -225,6 +225,35 @@ def test_close_before_decoding_sizes_decoder_ring_once(tiny_model, gpu):
     assert n_positions < 256
 
 
+def test_decode_without_waiting_gives_the_same_ids_later(tiny_model):
+    """transcribe() feeds a file chunk by chunk with decode(wait=False), which returns before the
+    GPU has run the chunk's steps: their ids come with later calls, the same ids in the same order."""
+    model, ref = tiny_model(TINY_SW)
+    audio = speechlike_audio(5.0, seed=5)
+    mel = ref.mel(ref.pad(audio))
+    n_positions = len(mel) // MEL_FRAMES_PER_POSITION
+    chunk = MEL_FRAMES_PER_POSITION * 20
+    runs = {}
+    for wait in (True, False):
+        s = Session(model, ref.n_delay)
+        s.stop_on_eos = False
+        s.close(n_positions)
+        parts = []
+        for i in range(0, len(mel), chunk):
+            s.push_mel(mel[i:i + chunk])
+            parts.append(s.decode(wait=wait))
+        parts.append(s.decode())
+        assert s.done
+        runs[wait] = parts
+        s.release()
+    flat = {w: [t for part in parts for t in part] for w, parts in runs.items()}
+    assert flat[False] == flat[True] == model.transcribe(audio, stop_on_eos=False).token_ids
+    assert len(flat[True]) == n_positions - len(model.prompt(ref.n_delay))
+    ahead = np.cumsum([len(p) for p in runs[True]])
+    late = np.cumsum([len(p) for p in runs[False]])
+    assert (late <= ahead).all() and (late < ahead).any()  # not waiting: ids arrive later, never earlier
+
+
 @pytest.mark.parametrize("spec, seconds", [(TINY_FULL, 18.0), (TINY_SW, 8.0)])
 def test_replayed_decode_steps_equal_the_op_by_op_graph(tiny_model, monkeypatch, spec, seconds):
     """Decode steps replayed from the first step's recording (model.STEP_REPLAY) give bit-identical

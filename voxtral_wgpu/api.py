@@ -83,7 +83,7 @@ class Model(_GraphModel):
         try:
             for i in range(0, len(mel), chunk):
                 session.push_mel(mel[i:i + chunk])
-                session.decode()
+                session.decode(wait=False)  # ids arrive a chunk late; the GPU never waits for the host
                 if bar is not None:
                     bar.n = min(session.next_pos, n_positions)
                     bar.refresh()

@@ -306,6 +306,7 @@ class Session:
             mel = self._mel_pending[: n * MEL_FRAMES_PER_POSITION]
             self._mel_pending = self._mel_pending[n * MEL_FRAMES_PER_POSITION:]
             self._encode_chunk(mel, n)
+            self.gpu.flush()  # the GPU starts on this chunk while the host records the next work
 
     def _encode_chunk(self, mel: np.ndarray, n: int) -> None:
         """``n`` positions of mel ``[8n, 128]`` -> ``n`` audio embeddings in the decoder's ring.
@@ -444,8 +445,13 @@ class Session:
                 **ops.decode_attention_values(p, window=d.sliding_window, cap=st.cap, n_heads=d.n_heads,
                                               n_kv_heads=d.n_kv_heads, head_dim=d.head_dim)}
 
-    def decode(self) -> list[int]:
-        """Run every decoder step whose audio embedding exists; return the newly generated ids."""
+    def decode(self, *, wait: bool = True) -> list[int]:
+        """Run every decoder step whose audio embedding exists; return the newly generated ids.
+
+        ``wait=False`` (more input follows at once, as in ``transcribe``): when the steps run out
+        before the input's end, return without waiting for the GPU to finish them; their ids come
+        with a later call. The host then records the next chunk while the GPU still runs this one,
+        instead of the GPU idling while the host records (60 s offline on an H100: ~0.25 s)."""
         n_before = len(self.generated)
         L = len(self.prompt_ids)
         while not self.done:
@@ -454,6 +460,7 @@ class Session:
                 if self.positions_encoded < L:
                     break
                 self._decoder_rows(0, L - 1, head=False)  # prompt positions 0..L-2 fill the KV cache
+                self.gpu.flush()
                 self.next_pos = L - 1
                 self.prefilled = True
             # HF generate stops at max_length = total positions, so the last step runs at total - 2.
@@ -461,9 +468,10 @@ class Session:
             if self.total_positions is not None:
                 limit = min(limit, self.total_positions - 1)
             if self.next_pos >= limit:  # nothing runnable until more audio arrives
-                self._read_tokens()  # everything up to next_pos (waits for the GPU)
-                if self.total_positions is not None and self.next_pos >= self.total_positions - 1:
-                    self.done = True
+                at_end = self.total_positions is not None and self.next_pos >= self.total_positions - 1
+                if wait or at_end:
+                    self._read_tokens()  # everything up to next_pos (waits for the GPU)
+                    self.done = self.done or at_end
                 break
             self._decode_step(self.next_pos)
             self.next_pos += 1
