@@ -26,7 +26,7 @@
 //   3  vc      u32        [cap, n_kv*hd] value ring, f32 bits or f16 pairs
 //   4  part    f32        [n_heads, n_chunks, hd + 2] scratch: (max, sum, acc[hd]) per chunk
 //   5  out     f32        [n_heads*hd] from o_off
-//   6  table   vec4<f32>  [hd/4]: (cos, sin) of pairs 2i, 2i + 1 of position pos
+//   6  table   vec4<f32>  [hd/4] from vec4 t_off: (cos, sin) of pairs 2i, 2i + 1 of position pos
 //
 // Work split: partial: groups (n_chunks * value_split, n_kv_heads), 256 invocations; scoring (query
 // heads taken 4 at a time) gives each key two invocations with half the dims each (one key per pair
@@ -57,6 +57,7 @@ struct Params {
     o_off: u32,
     scale: f32,
     value_split: u32,  // workgroups per (chunk, kv head); hd / value_split is even
+    t_off: u32,  // this step's (cos, sin) row in table, in vec4 units (the host keeps a ring of rows)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -94,7 +95,7 @@ fn stored2(v: vec2<f32>) -> vec2<f32> {  // what the ring gives back for v
 }
 
 fn row_key4(k_row: u32, d: u32) -> vec4<f32> {  // the step's own key, elements 4d .. 4d+3, as stored
-    let r = rotate4(q[k_row + d], table[d]);
+    let r = rotate4(q[k_row + d], table[p.t_off + d]);
     return vec4<f32>(stored2(r.xy), stored2(r.zw));
 }
 
@@ -206,7 +207,7 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
             let hh = i / hd4;
             var v = vec4<f32>(0.0);
             if (hh < nh) {
-                v = rotate4(q[q4 + (kvh * group + h0 + hh) * hd4 + i % hd4], table[i % hd4]);
+                v = rotate4(q[q4 + (kvh * group + h0 + hh) * hd4 + i % hd4], table[p.t_off + i % hd4]);
             }
             qs[i] = v;
         }

@@ -641,11 +641,12 @@ def read_kv(S, buf, cap, width, kv_f16):
 
 def run_rope_qkv_attention(gpu, S, *, n_heads, n_kv_heads, head_dim, window, chunks, start=0, cap=None,
                            kv_f16=False, decode=True, ld_extra=0, off=0, o_off=0, theta=1e6, scale=1.0, q_scale=1.0,
-                           seed=0):
+                           seed=0, table_row=0):
     """The graph's attention block on a fused qkv row block: ``rope_qkv`` rotates q in place and appends
     rotated k and v to the ring (f32 or f16), then ``attention`` reads it; single rows with ``decode``
     (and an aligned row) take ``decode_attention`` instead, which does both in one split-K pass and
-    leaves the row as it was. Checks q, every written ring slot and every chunk's output against NumPy."""
+    leaves the row as it was, reading its rotation from row ``table_row`` of the table (earlier rows
+    hold noise). Checks q, every written ring slot and every chunk's output against NumPy."""
     rng = np.random.default_rng(seed)
     nq, width = n_heads * head_dim, n_kv_heads * head_dim
     cols = nq + 2 * width
@@ -663,10 +664,11 @@ def run_rope_qkv_attention(gpu, S, *, n_heads, n_kv_heads, head_dim, window, chu
             for r in range(rows):
                 full[off + r * ld:off + r * ld + nq] *= np.float32(q_scale)
             X = strided_rows(full, rows, cols, ld, off)
-            S.put(S.b, ops.rope_table(positions, head_dim, theta))
+            fused = decode and attend and rows == 1 and off % 4 == 0
+            noise = rng.standard_normal((table_row if fused else 0, head_dim)).astype(np.float32)
+            S.put(S.b, np.concatenate([noise.ravel(), ops.rope_table(positions, head_dim, theta).ravel()]))
             S.put(S.x, full)
             qkv = Mat(S.x, rows, cols, ld, off)
-            fused = decode and attend and rows == 1 and off % 4 == 0
             what = (f"{'decode_attention' if fused else 'rope_qkv'} heads={n_heads}/{n_kv_heads} d={head_dim} "
                     f"f16={kv_f16} pos0={p0} rows={rows}")
             q_rot = ref.rope(X[:, :nq], positions, n_heads, head_dim, theta)
@@ -677,7 +679,7 @@ def run_rope_qkv_attention(gpu, S, *, n_heads, n_kv_heads, head_dim, window, chu
             if fused:
                 ops.decode_attention(gpu, S.b, qkv, S.w0, S.w1, out_mat, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                      head_dim=head_dim, pos0=p0, window=window, cap=cap, scratch=scratch,
-                                     kv_f16=kv_f16)
+                                     kv_f16=kv_f16, table_row=table_row)
                 got = S.get(S.x, length)
                 assert np.array_equal(got.view(np.uint32), full.view(np.uint32)), what + " changed the qkv row"
                 Q = q_rot  # the kernel rotates q as it reads it
@@ -750,6 +752,13 @@ def test_decode_attention_value_splits(gpu, S, monkeypatch, split, head_dim, wan
     assert ops.decode_value_split(head_dim, 2, 2) == want
     run_rope_qkv_attention(gpu, S, n_heads=8, n_kv_heads=2, head_dim=head_dim, window=300, chunks=[1, 1, 40, 1],
                            start=250, kv_f16=split == 2 or head_dim == 256, seed=split + head_dim)
+
+
+@pytest.mark.parametrize("table_row", [1, 63])
+def test_decode_attention_table_row(gpu, S, table_row):
+    """Decode steps read their rotation from a row of the host's ring of tables (model.STEP_TABLE_RING)."""
+    run_rope_qkv_attention(gpu, S, n_heads=4, n_kv_heads=2, head_dim=32, window=300, chunks=[5, 1, 1, 1],
+                           start=260, seed=table_row, table_row=table_row)
 
 
 def test_rope_qkv_f16_clamps_to_finite(gpu, S):

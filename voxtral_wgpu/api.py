@@ -15,7 +15,7 @@ from . import audio as audio_mod
 from .config import ModelConfig
 from .gpu import Gpu
 from .model import Model as _GraphModel
-from .model import KV_CACHE_TYPES, MEL_FRAMES_PER_POSITION, Session
+from .model import KV_CACHE_TYPES, Session
 from .stream import Stream, TextDelta, timed_text, transcribe_stream  # [stream]
 from .tokenizer import Tekken
 from .weights import load_safetensors
@@ -59,16 +59,14 @@ class Model(_GraphModel):
         of 80 (default: the model's, 480 ms). ``progress``: a progress bar on stderr (default: on
         for audio longer than 60 s when stderr is a terminal). ``stop_on_eos=False`` decodes every
         position (benchmarks on random weights)."""
-        from ._native import log_mel
+        from ._native import MelStream
 
         delay_ms, n_delay = self._n_delay(transcription_delay_ms)
         samples = audio_mod.load_audio(audio)
         t0 = time.perf_counter()
         left, right = audio_mod.padding(len(samples), n_delay, self.n_left_pad)
         padded = np.concatenate([np.zeros(left, np.float32), samples, np.zeros(right, np.float32)])
-        mel = log_mel(padded)  # [P/160, 128]
         n_positions = len(padded) // audio_mod.SAMPLES_PER_TOKEN
-        t_mel = time.perf_counter()
         session = Session(self, n_delay, chunk_positions=self.offline_chunk_positions)
         session.stop_on_eos = stop_on_eos
         session.close(n_positions)
@@ -79,16 +77,25 @@ class Model(_GraphModel):
             from tqdm import tqdm
 
             bar = tqdm(total=n_positions, unit="pos", desc="transcribing", file=sys.stderr, leave=False)
-        chunk = MEL_FRAMES_PER_POSITION * self.offline_chunk_positions  # encoder and decoder interleave chunk by chunk
+        # encoder and decoder interleave chunk by chunk; each chunk's log-mel (MelStream: the same
+        # frames as log_mel over the whole signal) is computed while the GPU runs the previous chunk
+        piece = audio_mod.SAMPLES_PER_TOKEN * self.offline_chunk_positions
+        mel_s = 0.0
         try:
-            for i in range(0, len(mel), chunk):
-                session.push_mel(mel[i:i + chunk])
-                session.decode(wait=False)  # ids arrive a chunk late; the GPU never waits for the host
-                if bar is not None:
-                    bar.n = min(session.next_pos, n_positions)
-                    bar.refresh()
-                if session.done:
-                    break
+            with MelStream() as mel:
+                for i in range(0, len(padded), piece):
+                    t = time.perf_counter()
+                    frames = mel.feed(padded[i:i + piece])  # [frames, 128]
+                    if i + piece >= len(padded):
+                        frames = np.concatenate([frames, mel.finish()])
+                    mel_s += time.perf_counter() - t
+                    session.push_mel(frames)
+                    session.decode(wait=False)  # ids arrive a chunk late; the GPU never waits for the host
+                    if bar is not None:
+                        bar.n = min(session.next_pos, n_positions)
+                        bar.refresh()
+                    if session.done:
+                        break
             session.decode()
             steps = max(session.next_pos - len(session.prompt_ids) + 1, 0)
         finally:
@@ -101,7 +108,7 @@ class Model(_GraphModel):
         return Transcription(
             text=self.tokenizer.decode(ids).strip(), token_ids=list(ids),
             duration_s=len(samples) / audio_mod.SAMPLE_RATE, transcription_delay_ms=delay_ms,
-            timings={"mel_s": t_mel - t0, "model_s": t_end - t_mel, "steps": steps},
+            timings={"mel_s": mel_s, "model_s": t_end - t0 - mel_s, "steps": steps},
             words=words, segments=segments,  # [stream]
         )
 

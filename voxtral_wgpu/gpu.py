@@ -178,6 +178,7 @@ class Gpu:
         self.bytes_allocated = 0  # bytes of the storage buffers this Gpu holds now (for memory reports)
         self.bytes_peak = 0  # the most bytes_allocated has been (reset with reset_peak())
         self.dispatch_count = 0
+        self.submits = 0  # command buffers submitted so far (flush)
 
     # ------------------------------------------------------------------ buffers
     def empty(self, nbytes: int, label: str = "") -> wgpu.GPUBuffer:
@@ -230,6 +231,15 @@ class Gpu:
         data = np.ascontiguousarray(array)
         if data.nbytes % 4:
             data = np.concatenate([data.view(np.uint8).ravel(), np.zeros(4 - data.nbytes % 4, np.uint8)])
+        self.queue.write_buffer(buf, offset, data)
+
+    def write_ahead(self, buf: wgpu.GPUBuffer, array, offset: int = 0) -> None:
+        """Queue a host->GPU copy that lands before the work recorded since the last flush (at the
+        next submit) instead of after it, so nothing is submitted early: only for bytes that no
+        unsubmitted work reads (a ring slot of its own, say). Work submitted earlier still reads the
+        old bytes: the queue runs the copy after it."""
+        data = np.ascontiguousarray(array)
+        assert data.nbytes % 4 == 0 and offset % 4 == 0
         self.queue.write_buffer(buf, offset, data)
 
     def read(self, buf: wgpu.GPUBuffer, dtype=np.float32, count: int | None = None, offset: int = 0) -> np.ndarray:
@@ -458,6 +468,7 @@ class Gpu:
         if self._arena_data:
             self.queue.write_buffer(self._arena, 0, bytes(self._arena_data))
         self.queue.submit([self._encoder.finish()])
+        self.submits += 1
         self._encoder = None
         self._arena_data = bytearray()
         self._pending_buffers.clear()

@@ -35,6 +35,12 @@ TOKEN_RING = 4096  # token-id ring on the GPU (prompt + generated), read back ev
 READBACK_STEPS = 16  # ... each copy taken READBACK_STEPS steps after it was recorded, so no read drains the queue
 KV_CACHE_TYPES = ("f32", "f16")
 STEP_REPLAY = True  # decode steps replay the first step's recorded dispatches (Session._decode_step)
+# Decode steps go to the GPU STEPS_PER_SUBMIT at a time: each submit costs GPU time besides the
+# host's (H100, Q4_0, pipelined: 1.96 ms a step submitted one by one, 1.93 by 2 or 4). Each step's
+# rotation (cos, sin) row then sits in a ring slot of its own (row p % STEP_TABLE_RING), written
+# ahead of the steps recorded before it, instead of one row rewritten, which forced a submit a step.
+STEPS_PER_SUBMIT = 4
+STEP_TABLE_RING = 64
 
 
 def time_embedding(t: float, dim: int, theta: float = 10000.0) -> np.ndarray:
@@ -141,6 +147,7 @@ class _DecoderState:
     z: object  # f32 [1, 3072] final-normed last row
     logits: object  # f32 [vocab]
     rope: object  # f32 [R, head_dim/2, 2]
+    step_rope: object  # f32 [STEP_TABLE_RING, head_dim/2, 2]: decode step p's rotation in row p % STEP_TABLE_RING
     audio: object  # f32 [acap, 3072] audio-embedding ring
     acap: int
     tokens: object  # u32 [TOKEN_RING] token id at decoder position p in slot p % TOKEN_RING
@@ -189,6 +196,7 @@ class Session:
         self.taps: dict | None = None  # set to {} to collect per-chunk stage outputs (parity tests, debugging)
         self.stop_on_eos = True  # benchmarks on random weights turn this off to decode every position
         self._step_plan = None  # the recorded decode step (see _decode_step)
+        self._table_submit, self._table_slots = -1, set()  # step_rope rows written since that submit
 
     # ------------------------------------------------------------------ allocation
     def _encoder_state(self) -> _EncoderState:
@@ -233,6 +241,7 @@ class Session:
             f1=g.empty(f * R * d.hidden_dim, "dec.f1"), f3=g.empty(f * R * d.hidden_dim, "dec.f3"),
             z=g.empty(f * d.dim, "dec.z"), logits=g.empty(f * d.vocab_size, "dec.logits"),
             rope=g.empty(f * R * d.head_dim, "dec.rope"),
+            step_rope=g.empty(f * STEP_TABLE_RING * d.head_dim, "dec.step_rope"),
             audio=g.empty(f * acap * d.dim, "dec.audio"), acap=acap, tokens=tokens,
             k_cache=[g.empty(fkv * cap * dkv, f"dec.k_cache{i}") for i in range(d.n_layers)],
             v_cache=[g.empty(fkv * cap * dkv, f"dec.v_cache{i}") for i in range(d.n_layers)],
@@ -393,15 +402,19 @@ class Session:
         self._grow_decoder_cache(p0 + rows)
         x = Mat.of(st.x, rows, d.dim)
         ops.embed(g, st.tokens, p0 % TOKEN_RING, st.audio, p0, st.acap, w.tok_embeddings, x)
-        g.write(st.rope, ops.rope_table(np.arange(p0, p0 + rows), d.head_dim, d.rope_theta))
+        if rows == 1:
+            self._write_step_table(p0)
+        else:
+            g.write(st.rope, ops.rope_table(np.arange(p0, p0 + rows), d.head_dim, d.rope_theta))
         xb, qkv = Mat.of(st.xb, rows, d.dim), Mat.of(st.qkv, rows, dq + 2 * dkv)
         att, f1, f3 = Mat.of(st.att, rows, dq), Mat.of(st.f1, rows, d.hidden_dim), Mat.of(st.f3, rows, d.hidden_dim)
         heads = dict(n_heads=d.n_heads, n_kv_heads=d.n_kv_heads, head_dim=d.head_dim)
         for i, layer in enumerate(w.dec_layers):
             ops.qkv_proj(g, x, layer.wq, layer.wk, layer.wv, qkv, norm=layer.attention_norm, eps=d.norm_eps, scratch=xb)
             if rows == 1:  # decode: one kernel rotates q and k, appends k and v to the rings and attends
-                ops.decode_attention(g, st.rope, qkv, st.k_cache[i], st.v_cache[i], att, **heads, pos0=p0,
-                                     window=d.sliding_window, cap=st.cap, scratch=st.part, kv_f16=self.kv_f16)
+                ops.decode_attention(g, st.step_rope, qkv, st.k_cache[i], st.v_cache[i], att, **heads, pos0=p0,
+                                     window=d.sliding_window, cap=st.cap, scratch=st.part, kv_f16=self.kv_f16,
+                                     table_row=p0 % STEP_TABLE_RING)
             else:
                 ops.rope_qkv(g, st.rope, qkv, st.k_cache[i], st.v_cache[i], **heads, pos0=p0, cap=st.cap,
                              kv_f16=self.kv_f16)
@@ -424,7 +437,6 @@ class Session:
         it; later steps replay that recording with this position's step values (``_step_values``):
         the same dispatches and Params, minus the per-op Python work (~10 µs a dispatch)."""
         self._grow_decoder_cache(p + 1)
-        st = self.dec
         if not STEP_REPLAY or getattr(self.model.weights.tok_embeddings, "embeddings", "gpu") == "cpu":
             # (CPU embeddings read the step's token back on the host: not a fixed list of dispatches)
             self._decoder_rows(p, 1, head=True)
@@ -434,14 +446,29 @@ class Session:
                 self._decoder_rows(p, 1, head=True)
             self._step_plan = plan
             return
-        d = self.cfg.decoder
-        self.gpu.write(st.rope, ops.rope_table(np.arange(p, p + 1), d.head_dim, d.rope_theta))
+        self._write_step_table(p)
         self.gpu.replay(self._step_plan, self._step_values(p))
+
+    def _write_step_table(self, p: int) -> None:
+        """Row p % STEP_TABLE_RING of ``step_rope`` := position p's rotation, written ahead of the
+        unsubmitted steps (``Gpu.write_ahead``): those use other rows, unless one uses this row, and
+        then they are submitted first."""
+        g, d = self.gpu, self.cfg.decoder
+        slot = p % STEP_TABLE_RING
+        if self._table_submit != g.submits:
+            self._table_submit, self._table_slots = g.submits, set()
+        if slot in self._table_slots:
+            g.flush()
+            self._table_submit, self._table_slots = g.submits, set()
+        self._table_slots.add(slot)
+        g.write_ahead(self.dec.step_rope, ops.rope_table(np.arange(p, p + 1), d.head_dim, d.rope_theta),
+                      4 * slot * d.head_dim)
 
     def _step_values(self, p: int) -> dict:
         """What differs between decode steps (the ``step=`` Params fields of the ops in ``_decoder_rows``)."""
         st, d = self.dec, self.cfg.decoder
         return {"token_slot": p % TOKEN_RING, "next_token_slot": (p + 1) % TOKEN_RING, "audio_slot": p % st.acap,
+                "attn_table": (p % STEP_TABLE_RING) * d.head_dim // 4,
                 **ops.decode_attention_values(p, window=d.sliding_window, cap=st.cap, n_heads=d.n_heads,
                                               n_kv_heads=d.n_kv_heads, head_dim=d.head_dim)}
 
@@ -475,7 +502,8 @@ class Session:
                 break
             self._decode_step(self.next_pos)
             self.next_pos += 1
-            self.gpu.flush()  # let the GPU start this step while the host records the next
+            if self.next_pos % STEPS_PER_SUBMIT == 0:
+                self.gpu.flush()  # let the GPU start these steps while the host records the next
             if self.next_pos - self._tokens_requested_until() >= READBACK_STEPS:
                 self._request_tokens()
                 if len(self._token_reads) > 1:  # the previous copy ran long ago: no wait

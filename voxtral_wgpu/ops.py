@@ -376,11 +376,14 @@ def attention(gpu: Gpu, q: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_k
 
 
 def decode_attention(gpu: Gpu, table, qkv: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_kv_heads: int,
-                     head_dim: int, pos0: int, window: int, cap: int, scratch, kv_f16: bool = False) -> None:
+                     head_dim: int, pos0: int, window: int, cap: int, scratch, kv_f16: bool = False,
+                     table_row: int = 0) -> None:
     """``rope_qkv`` + ``attention`` for one decode row in one split-K pass (attention_decode.wgsl):
-    rotates the q and k heads of ``qkv [1, (n_heads + 2 n_kv) * head_dim]`` (``table [1, hd/2, 2]``,
-    position pos0) as it reads them, appends k and v to the rings at slot ``pos0 % cap`` and writes
-    ``out [1, n_heads*head_dim]``; qkv is left as it was. ``scratch``: ``decode_attention_scratch``."""
+    rotates the q and k heads of ``qkv [1, (n_heads + 2 n_kv) * head_dim]`` (row ``table_row`` of
+    ``table [.., hd/2, 2]`` holds position pos0's rotation) as it reads them, appends k and v to the
+    rings at slot ``pos0 % cap`` and writes ``out [1, n_heads*head_dim]``; qkv is left as it was.
+    ``scratch``: ``decode_attention_scratch``. Replays take the row from the step value ``attn_table``
+    (in vec4 units: ``table_row * head_dim / 4``)."""
     assert qkv.rows == 1 and qkv.cols == (n_heads + 2 * n_kv_heads) * head_dim and qkv.off % 4 == 0
     assert head_dim <= 256 and head_dim % 4 == 0 and n_heads % n_kv_heads == 0
     assert pos0 + 1 <= cap or cap >= window, "KV ring too small for the window"
@@ -388,9 +391,9 @@ def decode_attention(gpu: Gpu, table, qkv: Mat, k_cache, v_cache, out: Mat, *, n
                                 head_dim=head_dim)
     assert scratch.size >= 4 * n_heads * v["attn_chunks"] * (head_dim + 2), "decode attention scratch too small"
     params = pack_params(n_heads, n_kv_heads, head_dim, v["attn_pos"], window, cap, v["attn_chunks"], qkv.off,
-                         out.off, float(head_dim) ** -0.5, v["attn_split"])
+                         out.off, float(head_dim) ** -0.5, v["attn_split"], table_row * head_dim // 4)
     bufs = [qkv.buf, k_cache, v_cache, scratch, out.buf, table]
-    step = ((3, "attn_pos"), (6, "attn_chunks"), (10, "attn_split"))
+    step = ((3, "attn_pos"), (6, "attn_chunks"), (10, "attn_split"), (11, "attn_table"))
     gpu.dispatch(gpu.kernel("attention_decode", "partial", KV_F16=kv_f16, HEAD_DIM=head_dim), params, bufs,
                  (v["attn_groups"], n_kv_heads), step=step, step_groups="attn_groups")
     # one chunk: partial wrote the output and merge runs on 0 workgroups (no dispatch)

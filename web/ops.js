@@ -231,13 +231,13 @@ export function attention(gpu, q, kCache, vCache, out, { nHeads, nKvHeads, headD
 }
 
 /** ropeQkv + attention for one decode row in one split-K pass (ops.py's decode_attention): rotates q and
- *  k as it reads them, appends k and v at slot pos0 % cap, leaves the qkv row as it was. */
-export function decodeAttention(gpu, table, qkv, kCache, vCache, out, { nHeads, nKvHeads, headDim, pos0, window, cap, scratch, kvF16 = false }) {
+ *  k as it reads them (table row tableRow), appends k and v at slot pos0 % cap, leaves the qkv row as it was. */
+export function decodeAttention(gpu, table, qkv, kCache, vCache, out, { nHeads, nKvHeads, headDim, pos0, window, cap, scratch, kvF16 = false, tableRow = 0 }) {
   if (qkv.rows !== 1 || qkv.off % 4 !== 0 || headDim % 4 !== 0) throw new Error("decodeAttention: one aligned qkv row");
   const pos = shaderPos(pos0, window, cap);
   const nChunks = cdiv(Math.min(pos + 1, window), DECODE_CHUNK);
   const split = decodeValueSplit(headDim, nChunks, nKvHeads);
-  const params = packParams(nHeads, nKvHeads, headDim, pos, window, cap, nChunks, qkv.off, out.off, f(headDim ** -0.5), split);
+  const params = packParams(nHeads, nKvHeads, headDim, pos, window, cap, nChunks, qkv.off, out.off, f(headDim ** -0.5), split, tableRow * headDim / 4);
   const bufs = [qkv.buf, kCache, vCache, scratch, out.buf, table];
   gpu.dispatch(gpu.kernel("attention_decode", "partial", { KV_F16: kvF16, HEAD_DIM: headDim }), params, bufs, [nChunks * split, nKvHeads]);
   if (nChunks > 1) gpu.dispatch(gpu.kernel("attention_decode", "merge", { KV_F16: kvF16, HEAD_DIM: headDim }), params, bufs, [nHeads, 1]); // one chunk: partial wrote it
