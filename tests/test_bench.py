@@ -40,6 +40,8 @@ def run_bench(tmp_path, capsys, *extra):
     assert res["gpu_peak_bytes_1.5s"] > res["weight_bytes"] > 0
     assert res["dec_kv_bytes_at_60min"] >= res["dec_kv_bytes_at_1min"] > 0
     assert res["encoder_ms_per_audio_s"] == res["encoder_ms_per_audio_s_1.5s"] > 0
+    runs = res["step_ms_pipelined_runs"]
+    assert len(runs) == 3 and res["step_ms_pipelined"] == sorted(runs)[1] > 0
     return res, err
 
 

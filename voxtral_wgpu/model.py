@@ -35,8 +35,9 @@ TOKEN_RING = 4096  # token-id ring on the GPU (prompt + generated), read back ev
 READBACK_STEPS = 16  # ... each copy taken READBACK_STEPS steps after it was recorded, so no read drains the queue
 KV_CACHE_TYPES = ("f32", "f16")
 STEP_REPLAY = True  # decode steps replay the first step's recorded dispatches (Session._decode_step)
-# Decode steps go to the GPU STEPS_PER_SUBMIT at a time: each submit costs GPU time besides the
-# host's (H100, Q4_0, pipelined: 1.96 ms a step submitted one by one, 1.93 by 2 or 4). Each step's
+# Decode steps go to the GPU STEPS_PER_SUBMIT at a time (the first of a run alone, so the GPU starts
+# at once): each submit costs GPU time besides the host's (H100, Q4_0, pipelined: 1.96 ms a step
+# submitted one by one, 1.93 by 2 or 4). Each step's
 # rotation (cos, sin) row then sits in a ring slot of its own (row p % STEP_TABLE_RING), written
 # ahead of the steps recorded before it, instead of one row rewritten, which forced a submit a step.
 STEPS_PER_SUBMIT = 4
@@ -481,6 +482,7 @@ class Session:
         instead of the GPU idling while the host records (60 s offline on an H100: ~0.25 s)."""
         n_before = len(self.generated)
         L = len(self.prompt_ids)
+        steps_run = 0
         while not self.done:
             self.encode_available()
             if not self.prefilled:
@@ -502,7 +504,8 @@ class Session:
                 break
             self._decode_step(self.next_pos)
             self.next_pos += 1
-            if self.next_pos % STEPS_PER_SUBMIT == 0:
+            steps_run += 1
+            if steps_run == 1 or self.next_pos % STEPS_PER_SUBMIT == 0:
                 self.gpu.flush()  # let the GPU start these steps while the host records the next
             if self.next_pos - self._tokens_requested_until() >= READBACK_STEPS:
                 self._request_tokens()
