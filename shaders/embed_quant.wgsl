@@ -42,25 +42,13 @@ struct Params {
 @group(0) @binding(4) var<storage, read> sc: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
-// IEEE half bits -> f32, exact (subnormals included).
-fn half_to_f32(h: u32) -> f32 {
-    let sign = (h & 0x8000u) << 16u;
-    let e = (h >> 10u) & 0x1fu;
-    let m = h & 0x3ffu;
-    if (e == 0u) {
-        return bitcast<f32>(sign | bitcast<u32>(f32(m) * 5.9604644775390625e-8));
-    }
-    if (e == 31u) {
-        return bitcast<f32>(sign | 0x7f800000u | (m << 13u));
-    }
-    return bitcast<f32>(sign | ((e + 112u) << 23u) | (m << 13u));
-}
+// #include "_half.wgsl"
 
 fn table_at(t: u32, c: u32) -> f32 {
     let blk = t * (p.dim / 32u) + c / 32u;
     let j = c % 32u;
     let word = sc[blk >> 1u];
-    let d = half_to_f32(select(word & 0xffffu, word >> 16u, (blk & 1u) == 1u));
+    let d = half_bits(select(word & 0xffffu, word >> 16u, (blk & 1u) == 1u));
     if (Q8) {
         let v = qs[blk * 8u + j / 4u];
         let q = bitcast<i32>(v << (24u - 8u * (j % 4u))) >> 24u;

@@ -55,32 +55,7 @@ fn weight(e: u32) -> f32 {
     return bitcast<f32>(w[e]);
 }
 
-// erf with |error| < 1.2e-7 (Numerical Recipes erfc, Chebyshev fit); WGSL has no erf built-in.
-fn erf_approx(v: f32) -> f32 {
-    let z = abs(v);
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
-            t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
-            t * (-0.82215223 + t * 0.17087277)))))))));
-    return select(r - 1.0, 1.0 - r, v >= 0.0);
-}
-
-fn epilogue(m: u32, n: u32, acc: f32) {
-    var v = acc;
-    if (p.has_bias != 0u) {
-        v = v + bias[p.b_off + n];
-    }
-    if (p.act == 1u) {
-        v = 0.5 * v * (1.0 + erf_approx(v * 0.70710678118654752));
-    } else if (p.act == 2u) {
-        v = v / (1.0 + exp(-v));
-    }
-    let i = p.y_off + m * p.ldy + n;
-    if (p.accumulate != 0u) {
-        v = v + y[i];
-    }
-    y[i] = v;
-}
+// #include "_epilogue.wgsl"
 
 const TILE: u32 = 64u;
 const KS: u32 = 16u;

@@ -8,8 +8,8 @@
 //   (RMSNorm folded in, as inv[m] * sum_k (x * g)[m, k] * W[n, k]: inv comes from a sum of squares
 //   taken over the x the kernel reads anyway, so no prologue has to finish before the weights load)
 //
-// The Params fields and the epilogue (act: 0 identity, 1 GELU erf form, 2 SiLU; bias; accumulate)
-// are linear.wgsl's; matvec_swiglu / matvec_qkv mirror matvec.wgsl's entry points. K is a multiple
+// The Params fields are linear.wgsl's and the epilogue (act: 0 identity, 1 GELU erf form, 2 SiLU;
+// bias; accumulate) is _epilogue.wgsl's, shared with it; matvec_swiglu / matvec_qkv mirror matvec.wgsl's entry points. K is a multiple
 // of 32. One dispatch covers one row chunk of W: the caller passes N = rows of the chunk,
 // y_off += row0, b_off = row0. p.norm is informational here: the matvec kernels take MV_NORM.
 //
@@ -22,7 +22,8 @@
 //         Q8_0 (QB = 32): byte j = element j as int8, weight = q * d -> vec4s 2*blk, 2*blk + 1
 //   f16 scales from byte offset sc_off = QB*nrows*NB rounded up to 256 (passed in vec4 units:
 //   sc, sc_b, sc_c): scale of block i in half (i & 1) of u32 word i >> 1 of that region.
-//   The f16 -> f32 conversion uses integer ops (exact for subnormals on every device).
+//   The f16 -> f32 conversion uses integer ops (_half.wgsl's half_bits: exact for subnormals on
+//   every device).
 //
 // Bindings
 //   0  params  uniform   Params
@@ -93,26 +94,14 @@ struct Params {
 @group(0) @binding(6) var<storage, read> wb: array<vec4<u32>>;
 @group(0) @binding(7) var<storage, read> wc: array<vec4<u32>>;
 
-// IEEE half bits -> f32, exact for normals, subnormals, zeros and infinities.
-fn half_to_f32(h: u32) -> f32 {
-    let sign = (h & 0x8000u) << 16u;
-    let e = (h >> 10u) & 0x1fu;
-    let m = h & 0x3ffu;
-    if (e == 0u) {
-        return bitcast<f32>(sign | bitcast<u32>(f32(m) * 5.9604644775390625e-8));  // m * 2^-24
-    }
-    if (e == 31u) {
-        return bitcast<f32>(sign | 0x7f800000u | (m << 13u));
-    }
-    return bitcast<f32>(sign | ((e + 112u) << 23u) | (m << 13u));
-}
+// #include "_half.wgsl"
 
 fn half_of(word: u32, blk: u32) -> f32 {
     if (F16_HW) {
         let s2 = unpack2x16float(word);
         return select(s2.x, s2.y, (blk & 1u) == 1u);
     }
-    return half_to_f32(select(word & 0xffffu, word >> 16u, (blk & 1u) == 1u));
+    return half_bits(select(word & 0xffffu, word >> 16u, (blk & 1u) == 1u));
 }
 
 fn word_at(v: vec4<u32>, i: u32) -> u32 {
@@ -155,32 +144,7 @@ fn hi4(v: u32) -> vec4<f32> {
     return vec4<f32>((vec4<u32>(v >> 4u, v >> 12u, v >> 20u, v >> 28u) & vec4<u32>(0xfu))) - vec4<f32>(8.0);
 }
 
-// erf with |error| < 1.2e-7 (Numerical Recipes erfc, Chebyshev fit); WGSL has no erf built-in.
-fn erf_approx(v: f32) -> f32 {
-    let z = abs(v);
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
-            t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
-            t * (-0.82215223 + t * 0.17087277)))))))));
-    return select(r - 1.0, 1.0 - r, v >= 0.0);
-}
-
-fn epilogue(m: u32, n: u32, acc: f32) {
-    var v = acc;
-    if (p.has_bias != 0u) {
-        v = v + bias[p.b_off + n];
-    }
-    if (p.act == 1u) {
-        v = 0.5 * v * (1.0 + erf_approx(v * 0.70710678118654752));
-    } else if (p.act == 2u) {
-        v = v / (1.0 + exp(-v));
-    }
-    let i = p.y_off + m * p.ldy + n;
-    if (p.accumulate != 0u) {
-        v = v + y[i];
-    }
-    y[i] = v;
-}
+// #include "_epilogue.wgsl"
 
 // ------------------------------------------------------------------------------------ matvec
 // Every count below is an override, so the driver sees constant trip counts; the code is written
@@ -231,17 +195,6 @@ const Q4_UNSCALE = vec4<f32>(1.0, 0.0625, 0.00390625, 0.000244140625);  // 16^-i
 const Q8_MASK = vec4<u32>(0xffu, 0xff00u, 0xffu, 0xff00u);
 const Q8_OFF = vec4<f32>(8388736.0, 8421376.0, 8388736.0, 8421376.0);  // 2^23 + 128 * 256^i
 const Q8_UNSCALE = vec4<f32>(1.0, 0.00390625, 1.0, 0.00390625);
-
-// IEEE half bits -> f32 without branches, exact for normals, subnormals, zeros, infinities and NaNs
-// (the subnormal case is an exact f32 subtraction, so no f32 denormal is ever produced or read).
-fn half_bits(h: u32) -> f32 {
-    let o = ((h & 0x7fffu) << 13u) + 0x38000000u;  // rebias the exponent 15 -> 127
-    let e = h & 0x7c00u;
-    var f = bitcast<f32>(o);
-    f = select(f, bitcast<f32>(o + 0x00800000u) - 6.103515625e-05, e == 0u);  // (1 + m/1024) 2^-14 - 2^-14
-    f = select(f, bitcast<f32>(o + 0x38000000u), e == 0x7c00u);  // exponent 255
-    return bitcast<f32>(bitcast<u32>(f) | ((h & 0x8000u) << 16u));
-}
 
 // which = 0: w, 1: wb, 2: wc (a constant wherever these are inlined)
 fn ldq(which: u32, i: u32) -> vec4<u32> {

@@ -62,16 +62,7 @@ const BK: u32 = 16u;
 var<workgroup> xs: array<vec4<f32>, 512>;  // [BK][BM/4]
 var<workgroup> ws: array<vec4<f32>, 512>;  // [BK][BN/4]
 
-// IEEE half bits -> f32 without branches, exact for normals, subnormals, zeros, infinities and NaNs
-// (as linear_quant.wgsl's half_bits: integer ops, so no driver flushes f16 subnormals)
-fn half_bits(h: u32) -> f32 {
-    let o = ((h & 0x7fffu) << 13u) + 0x38000000u;  // rebias the exponent 15 -> 127
-    let e = h & 0x7c00u;
-    var f = bitcast<f32>(o);
-    f = select(f, bitcast<f32>(o + 0x00800000u) - 6.103515625e-05, e == 0u);  // (1 + m/1024) 2^-14 - 2^-14
-    f = select(f, bitcast<f32>(o + 0x38000000u), e == 0x7c00u);  // exponent 255
-    return bitcast<f32>(bitcast<u32>(f) | ((h & 0x8000u) << 16u));
-}
+// #include "_half.wgsl"
 
 // f16 scale of quant block blk
 fn block_scale(blk: u32) -> f32 {
@@ -90,35 +81,10 @@ fn sbytes(v: u32) -> vec4<f32> {
     return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(v << 24u, v << 16u, v << 8u, v)) >> vec4<u32>(24u));
 }
 
-fn erf_approx(v: f32) -> f32 {  // |error| < 1.2e-7 (same as linear.wgsl)
-    let z = abs(v);
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
-            t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
-            t * (-0.82215223 + t * 0.17087277)))))))));
-    return select(r - 1.0, 1.0 - r, v >= 0.0);
-}
+// #include "_epilogue.wgsl"
 
-// bias, activation, accumulate, store of output (m, n)
-fn finish(m: u32, n: u32, acc: f32) {
-    var v = acc;
-    if (p.has_bias != 0u) {
-        v += bias[p.b_off + n];
-    }
-    if (p.act == 1u) {
-        v = 0.5 * v * (1.0 + erf_approx(v * 0.70710678118654752));
-    } else if (p.act == 2u) {
-        v = v / (1.0 + exp(-v));
-    }
-    let o = p.y_off + m * p.ldy + n;
-    if (p.accumulate != 0u) {
-        v += y[o];
-    }
-    y[o] = v;
-}
-
-// outputs (m, n0 .. n0+3): finished, or with SPLIT the raw partial sums of split z
-fn epilogue(m: u32, n0: u32, v4: vec4<f32>, z: u32) {
+// outputs (m, n0 .. n0+3): through the epilogue, or with SPLIT the raw partial sums of split z
+fn store4(m: u32, n0: u32, v4: vec4<f32>, z: u32) {
     if (m >= p.M) {
         return;
     }
@@ -128,7 +94,7 @@ fn epilogue(m: u32, n0: u32, v4: vec4<f32>, z: u32) {
             if (SPLIT) {
                 y[p.y_off + (z * p.M + m) * p.ldy + n] = v4[j];
             } else {
-                finish(m, n, v4[j]);
+                epilogue(m, n, v4[j]);
             }
         }
     }
@@ -235,19 +201,19 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index
     }
     let m = m0 + 4u * ty;
     let n = n0 + 4u * tx;
-    epilogue(m, n, r00, wid.z); epilogue(m, n + 64u, r01, wid.z);
-    epilogue(m + 1u, n, r10, wid.z); epilogue(m + 1u, n + 64u, r11, wid.z);
-    epilogue(m + 2u, n, r20, wid.z); epilogue(m + 2u, n + 64u, r21, wid.z);
-    epilogue(m + 3u, n, r30, wid.z); epilogue(m + 3u, n + 64u, r31, wid.z);
+    store4(m, n, r00, wid.z); store4(m, n + 64u, r01, wid.z);
+    store4(m + 1u, n, r10, wid.z); store4(m + 1u, n + 64u, r11, wid.z);
+    store4(m + 2u, n, r20, wid.z); store4(m + 2u, n + 64u, r21, wid.z);
+    store4(m + 3u, n, r30, wid.z); store4(m + 3u, n + 64u, r31, wid.z);
     if (BM == 128u) {
-        epilogue(m + 64u, n, r40, wid.z); epilogue(m + 64u, n + 64u, r41, wid.z);
-        epilogue(m + 65u, n, r50, wid.z); epilogue(m + 65u, n + 64u, r51, wid.z);
-        epilogue(m + 66u, n, r60, wid.z); epilogue(m + 66u, n + 64u, r61, wid.z);
-        epilogue(m + 67u, n, r70, wid.z); epilogue(m + 67u, n + 64u, r71, wid.z);
+        store4(m + 64u, n, r40, wid.z); store4(m + 64u, n + 64u, r41, wid.z);
+        store4(m + 65u, n, r50, wid.z); store4(m + 65u, n + 64u, r51, wid.z);
+        store4(m + 66u, n, r60, wid.z); store4(m + 66u, n + 64u, r61, wid.z);
+        store4(m + 67u, n, r70, wid.z); store4(m + 67u, n + 64u, r71, wid.z);
     }
 }
 
-// y[m, n] = finish( sum over z of part[z][m][n] ), the split partial sums (x from x_off, row stride
+// y[m, n] = epilogue( sum over z of part[z][m][n] ), the split partial sums (x from x_off, row stride
 // lda, split stride M * lda) added in z order; one invocation per output, groups_2d(ceil(M*N / 256))
 @compute @workgroup_size(256)
 fn reduce_splits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -263,5 +229,5 @@ fn reduce_splits(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         let j = p.x_off + (z * p.M + m) * p.lda + n;
         v += x[j >> 2u][j & 3u];
     }
-    finish(m, n, v);
+    epilogue(m, n, v);
 }

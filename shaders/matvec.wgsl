@@ -72,14 +72,7 @@ fn dot8(a: vec4<f32>, b: vec4<f32>, q: vec4<u32>) -> f32 {
     return dot(a, vec4<f32>(lo(q.x), hi(q.x), lo(q.y), hi(q.y))) + dot(b, vec4<f32>(lo(q.z), hi(q.z), lo(q.w), hi(q.w)));
 }
 
-fn erf_approx(v: f32) -> f32 {  // |error| < 1.2e-7 (same as linear.wgsl)
-    let z = abs(v);
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
-            t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
-            t * (-0.82215223 + t * 0.17087277)))))))));
-    return select(r - 1.0, 1.0 - r, v >= 0.0);
-}
+// #include "_epilogue.wgsl"
 
 // Sum of squares of each of the M rows of x, reduced over the workgroup -> inv_rms.
 fn norm_prologue(tid: u32) {
@@ -157,20 +150,7 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     if (lane == 0u && n < p.N) {
         let r = red[tid];
         for (var m = 0u; m < p.M; m++) {
-            var v = r[m];
-            if (p.has_bias != 0u) {
-                v += bias[p.b_off + n];
-            }
-            if (p.act == 1u) {
-                v = 0.5 * v * (1.0 + erf_approx(v * 0.70710678118654752));
-            } else if (p.act == 2u) {
-                v = v / (1.0 + exp(-v));
-            }
-            let i = p.y_off + m * p.ldy + n;
-            if (p.accumulate != 0u) {
-                v += y[i];
-            }
-            y[i] = v;
+            epilogue(m, n, r[m]);
         }
     }
 }

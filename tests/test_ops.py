@@ -34,7 +34,8 @@ from hypothesis import strategies as st
 
 import op_reference as ref
 from voxtral_wgpu import ops
-from voxtral_wgpu.gpu import MAX_INVOCATIONS, MAX_GROUPS_PER_DIM, groups_2d, pack_params, shader_dir
+from voxtral_wgpu.gpu import (INCLUDE_RE, MAX_INVOCATIONS, MAX_GROUPS_PER_DIM, GpuError, groups_2d, pack_params,
+                              read_shader, shader_dir)
 from voxtral_wgpu.ops import ACT_GELU, ACT_NONE, ACT_SILU, DenseWeight, Mat
 
 SCRATCH_BYTES = 8 << 20
@@ -965,7 +966,12 @@ def test_argmax_feeds_embed_on_gpu(gpu, S):
 
 # ------------------------------------------------------------------------------------------ shader sources
 def _shader_files():
-    return sorted(shader_dir().glob("*.wgsl"))
+    """The shader modules (files named _*.wgsl are included by them, not modules)."""
+    return sorted(p for p in shader_dir().glob("*.wgsl") if not p.name.startswith("_"))
+
+
+def _included_files():
+    return sorted(shader_dir().glob("_*.wgsl"))
 
 
 def _resolve(expr: str, consts: dict) -> int:
@@ -999,9 +1005,10 @@ def _type_bytes(ty: str, consts: dict) -> int:
 def test_shader_source_rules(path: Path):
     """WebGPU core only: <= 256 invocations per workgroup (override/const names resolved), <= 16 KiB
     of workgroup memory (upper bound: every module-scope workgroup var summed), <= 8 storage buffers,
-    no `enable` directive unless in a *_f16 variant file, and a header comment at the top."""
-    src = path.read_text()
-    assert src.startswith("//"), f"{path.name} must start with a header comment"
+    no `enable` directive unless in a *_f16 variant file, and a header comment at the top. Checked
+    on the module as compiled, its included files spliced in."""
+    assert path.read_text().startswith("//"), f"{path.name} must start with a header comment"
+    src = read_shader(path)
     assert re.search(r"^//.*Bindings", src, re.M), f"{path.name}: header comment lists no Bindings"
     enables = re.findall(r"^\s*enable\s+(\w+)\s*;", src, re.M)
     if path.stem.endswith("_f16"):
@@ -1022,6 +1029,32 @@ def test_shader_source_rules(path: Path):
     assert bytes_wg <= 16384, (path.name, bytes_wg)
     n_storage = len(re.findall(r"var<\s*storage", src))
     assert n_storage <= 8, (path.name, n_storage)
+
+
+@pytest.mark.parametrize("path", _included_files(), ids=lambda p: p.name)
+def test_included_shader_files(path: Path):
+    """An included file: a header comment that says what it needs from the includer, functions only
+    (no entry point, binding, workgroup variable, override or enable), included by some module."""
+    src = path.read_text()
+    assert src.startswith("//") and re.search(r"^//.*Bindings", src, re.M), path.name
+    code = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith("//"))
+    for what in ("@compute", "@group", "@binding", "var<workgroup>", "override", "enable", "#include"):
+        assert what not in code, (path.name, what)
+    assert re.search(r"^fn \w+", code, re.M), path.name
+    users = [m.name for m in _shader_files() if path.name in INCLUDE_RE.findall(m.read_text())]
+    assert users, f"{path.name} is included by no shader"
+
+
+def test_shader_include_errors(tmp_path):
+    """A missing included file, or an included file that includes another, is a clear error."""
+    (tmp_path / "a.wgsl").write_text('// a\n// #include "_b.wgsl"\nfn a() {}\n')
+    with pytest.raises(FileNotFoundError, match="a.wgsl: included file .*_b.wgsl"):
+        read_shader(tmp_path / "a.wgsl")
+    (tmp_path / "_b.wgsl").write_text('// b\n// #include "_c.wgsl"\n')
+    with pytest.raises(GpuError, match="_b.wgsl: an included file includes nothing"):
+        read_shader(tmp_path / "a.wgsl")
+    (tmp_path / "_b.wgsl").write_text("fn b() {}\n")
+    assert read_shader(tmp_path / "a.wgsl") == "// a\nfn b() {}\n\nfn a() {}\n"
 
 
 def test_every_entry_point_compiles(gpu):

@@ -76,6 +76,27 @@ def shader_dir() -> Path:
     raise FileNotFoundError(f"voxtral_wgpu's WGSL shaders were not found (looked in {[str(c) for c in candidates]})")
 
 
+# `// #include "_name.wgsl"` on a line of its own: replaced by that file of the same directory (WGSL
+# has no include; web/gpu.js does the same). Included files start with "_", hold functions only, and
+# include nothing themselves.
+INCLUDE_RE = re.compile(r'^//\s*#include\s+"(_\w+\.wgsl)"[ \t]*$', re.M)
+
+
+def read_shader(path: Path) -> str:
+    """The WGSL of ``path`` with its include lines replaced by the files they name."""
+    def splice(m: re.Match) -> str:
+        inc = path.parent / m.group(1)
+        try:
+            body = inc.read_text()
+        except OSError as e:
+            raise FileNotFoundError(f"{path.name}: included file {inc} cannot be read ({e})") from None
+        if INCLUDE_RE.search(body):
+            raise GpuError(f"{inc.name}: an included file includes nothing itself")
+        return body
+
+    return INCLUDE_RE.sub(splice, path.read_text())
+
+
 @dataclass
 class StepPlan:
     """Dispatches recorded by :meth:`Gpu.capture`, replayed by :meth:`Gpu.replay`.
@@ -276,8 +297,7 @@ class Gpu:
     # ------------------------------------------------------------------ kernels
     def source(self, shader: str) -> str:
         if shader not in self._sources:
-            path = self._shader_dir / f"{shader}.wgsl"
-            self._sources[shader] = path.read_text()
+            self._sources[shader] = read_shader(self._shader_dir / f"{shader}.wgsl")
         return self._sources[shader]
 
     def kernel(self, shader: str, entry: str, **overrides: float) -> Kernel:

@@ -12,6 +12,9 @@ export const ARENA_BYTES = 1 << 20;
 
 const BINDING_RE = /@group\(0\)\s*@binding\((\d+)\)\s*var<\s*(storage|uniform)\s*(?:,\s*(read_write|read))?\s*>\s*(\w+)/g;
 
+// `// #include "_name.wgsl"` on a line of its own: replaced by that file (gpu.py's INCLUDE_RE; WGSL has no include)
+const INCLUDE_RE = /^\/\/\s*#include\s+"(_\w+\.wgsl)"[ \t]*$/gm;
+
 export const SHADERS = ["argmax", "attention", "attention_decode", "elementwise", "embed", "embed_quant", "fill",
   "kv_cache", "linear", "linear_quant", "matmul", "matvec", "rms_norm", "rope", "rope_qkv"];
 
@@ -34,11 +37,26 @@ export class Gpu {
         maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
       },
     });
+    const fetched = new Map(); // file name -> promise of its text (each included file fetched once)
+    const fetchText = (name) => {
+      if (!fetched.has(name)) {
+        fetched.set(name, fetch(`${shaderBase}${name}`).then((r) => {
+          if (!r.ok) throw new GpuError(`${name}: HTTP ${r.status}`);
+          return r.text();
+        }));
+      }
+      return fetched.get(name);
+    };
     const sources = {};
     await Promise.all(shaders.map(async (s) => {
-      const r = await fetch(`${shaderBase}${s}.wgsl`);
-      if (!r.ok) throw new GpuError(`${s}.wgsl: HTTP ${r.status}`);
-      sources[s] = await r.text();
+      const text = await fetchText(`${s}.wgsl`);
+      const bodies = {};
+      for (const m of text.matchAll(INCLUDE_RE)) {
+        const body = await fetchText(m[1]);
+        if (body.match(INCLUDE_RE)) throw new GpuError(`${m[1]}: an included file includes nothing itself`);
+        bodies[m[1]] = body;
+      }
+      sources[s] = text.replace(INCLUDE_RE, (_, name) => bodies[name]);
     }));
     return new Gpu(adapter, device, sources);
   }
