@@ -37,9 +37,9 @@ KV_CACHE_TYPES = ("f32", "f16")
 STEP_REPLAY = True  # decode steps replay the first step's recorded dispatches (Session._decode_step)
 # Decode steps go to the GPU STEPS_PER_SUBMIT at a time (the first of a run alone, so the GPU starts
 # at once): each submit costs GPU time besides the host's (H100, Q4_0, pipelined: 1.96 ms a step
-# submitted one by one, 1.93 by 2 or 4). Each step's
-# rotation (cos, sin) row then sits in a ring slot of its own (row p % STEP_TABLE_RING), written
-# ahead of the steps recorded before it, instead of one row rewritten, which forced a submit a step.
+# submitted one by one, 1.93 by 2 or 4). Each step's rotation (cos, sin) row therefore sits in a ring
+# row of its own (p % STEP_TABLE_RING), written ahead of the steps recorded before it, instead of one
+# row rewritten before every step, which forced a submit a step.
 STEPS_PER_SUBMIT = 4
 STEP_TABLE_RING = 64
 
