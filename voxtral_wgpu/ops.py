@@ -95,9 +95,11 @@ MATMUL_BM128 = None  # force the tile rows (benchmarks); None: matmul_tile_rows 
 # K split of matmul.wgsl products (matmul_splits). H100, encoder shapes, GPU us per call at 192 / 512
 # rows (.device probe): pieces of 512 for weights of <= 8192 rows: Q4_0 layer (qkv + wo + w1 + w3 + w2)
 # at 192 rows 1508 (no split) -> 839 (<= 2048 rows) -> 672; BF16 at 512 rows 1485 / 1487 (no change);
-# pieces of 256 or 1024, or 640 up to 8192 rows, were no better overall.
+# pieces of 256 or 1024, or 640 up to 8192 rows, were no better overall. Up to 16384 rows since the
+# decoder prefill's 38 rows met the 9216-row w1 / w3 (GPU timestamps, Q4_0: 401 us a call unsplit, 72
+# workgroups, 21 of the prefill's 35 ms; no encoder weight has more than 5120 rows).
 MATMUL_SPLIT_K = 512
-MATMUL_SPLIT_MAX_N = 8192
+MATMUL_SPLIT_MAX_N = 16384
 
 
 def matmul_tile_rows(m: int, n: int) -> int:

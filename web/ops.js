@@ -179,7 +179,7 @@ function matmulTileRows(m, n) {
 }
 
 const MATMUL_SPLIT_K = 512; // ops.MATMUL_SPLIT_K: K elements per split of a matmul
-const MATMUL_SPLIT_MAX_N = 8192; // ... for weights with at most this many rows
+const MATMUL_SPLIT_MAX_N = 16384; // ... for weights with at most this many rows
 
 /** K pieces of a matmul.wgsl product with an [n, k] weight (ops.matmul_splits): a function of the shape only. */
 function matmulSplits(n, k) {
