@@ -205,7 +205,7 @@ def measure(model, seconds_list, *, steps: int = 64, encoder_seconds=(10.0, 60.0
     """Time the stages of ``model`` (a voxtral_wgpu Model)."""
     from ._native import log_mel
     from .audio import padding
-    from .model import MEL_FRAMES_PER_POSITION, OFFLINE_CHUNK_POSITIONS, STEPS_PER_SUBMIT, Session
+    from .model import MEL_FRAMES_PER_POSITION, OFFLINE_CHUNK_POSITIONS, Session
 
     gpu = model.gpu
     n_delay = model.default_delay_ms // 80
@@ -298,10 +298,7 @@ def measure(model, seconds_list, *, steps: int = 64, encoder_seconds=(10.0, 60.0
         n = min(steps, s.positions_encoded - s.next_pos)
         t = time.perf_counter()
         for i in range(n):  # submitted as Session.decode() submits them
-            s._decode_step(s.next_pos)
-            s.next_pos += 1
-            if i == 0 or s.next_pos % STEPS_PER_SUBMIT == 0:
-                gpu.flush()
+            s._step(first=i == 0)
         gpu.sync()
         runs.append(1000 * (time.perf_counter() - t) / max(n, 1))
         s.release()

@@ -252,7 +252,7 @@ class Gpu:
         data = np.ascontiguousarray(array)
         if data.nbytes % 4:
             data = np.concatenate([data.view(np.uint8).ravel(), np.zeros(4 - data.nbytes % 4, np.uint8)])
-        self.queue.write_buffer(buf, offset, data)
+        self.write_ahead(buf, data, offset)
 
     def write_ahead(self, buf: wgpu.GPUBuffer, array, offset: int = 0) -> None:
         """Queue a host->GPU copy that lands before the work recorded since the last flush (at the

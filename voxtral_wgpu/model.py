@@ -458,6 +458,14 @@ class Session:
         self._write_step_table(p)
         self.gpu.replay(self._step_plan, self._step_values(p))
 
+    def _step(self, first: bool) -> None:
+        """The decode step at ``next_pos``, then the next position; submitted as a run of steps is:
+        the first alone (the GPU starts at once), then every STEPS_PER_SUBMIT positions."""
+        self._decode_step(self.next_pos)
+        self.next_pos += 1
+        if first or self.next_pos % STEPS_PER_SUBMIT == 0:
+            self.gpu.flush()  # the GPU runs these steps while the host records the next
+
     def _write_step_table(self, p: int) -> None:
         """Row p % STEP_TABLE_RING of ``step_rope`` := position p's rotation, written ahead of the
         unsubmitted steps (``Gpu.write_ahead``): those use other rows, unless one uses this row, and
@@ -477,9 +485,9 @@ class Session:
         """What differs between decode steps (the ``step=`` Params fields of the ops in ``_decoder_rows``)."""
         st, d = self.dec, self.cfg.decoder
         return {"token_slot": p % TOKEN_RING, "next_token_slot": (p + 1) % TOKEN_RING, "audio_slot": p % st.acap,
-                "attn_table": (p % STEP_TABLE_RING) * d.head_dim // 4,
                 **ops.decode_attention_values(p, window=d.sliding_window, cap=st.cap, n_heads=d.n_heads,
-                                              n_kv_heads=d.n_kv_heads, head_dim=d.head_dim)}
+                                              n_kv_heads=d.n_kv_heads, head_dim=d.head_dim,
+                                              table_row=p % STEP_TABLE_RING)}
 
     def decode(self, *, wait: bool = True) -> list[int]:
         """Run every decoder step whose audio embedding exists; return the newly generated ids.
@@ -490,7 +498,7 @@ class Session:
         instead of the GPU idling while the host records (60 s offline on an H100: ~0.25 s)."""
         n_before = len(self.generated)
         L = len(self.prompt_ids)
-        steps_run = 0
+        first = True
         while not self.done:
             self.encode_available()
             if not self.prefilled:
@@ -510,11 +518,8 @@ class Session:
                     self._read_tokens()  # everything up to next_pos (waits for the GPU)
                     self.done = self.done or at_end
                 break
-            self._decode_step(self.next_pos)
-            self.next_pos += 1
-            steps_run += 1
-            if steps_run == 1 or self.next_pos % STEPS_PER_SUBMIT == 0:
-                self.gpu.flush()  # let the GPU start these steps while the host records the next
+            self._step(first)
+            first = False
             if self.next_pos - self._tokens_requested_until() >= READBACK_STEPS:
                 self._request_tokens()
                 if len(self._token_reads) > 1:  # the previous copy ran long ago: no wait

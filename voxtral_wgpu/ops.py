@@ -352,13 +352,14 @@ def _shader_pos(pos0: int, window: int, cap: int) -> int:
 
 
 def decode_attention_values(pos0: int, *, window: int, cap: int, n_heads: int, n_kv_heads: int,
-                            head_dim: int) -> dict:
-    """The step values (``Gpu.dispatch(step=...)``) of a decode attention at position ``pos0``."""
+                            head_dim: int, table_row: int = 0) -> dict:
+    """The step values (``Gpu.dispatch(step=...)``) of a decode attention at position ``pos0`` whose
+    rotation is row ``table_row`` of its table."""
     pos = _shader_pos(pos0, window, cap)
     n_chunks = -(-min(pos + 1, window) // DECODE_CHUNK)
     split = decode_value_split(head_dim, n_chunks, n_kv_heads)
     return {"attn_pos": pos, "attn_chunks": n_chunks, "attn_split": split, "attn_groups": n_chunks * split,
-            "attn_merge_groups": n_heads if n_chunks > 1 else 0}
+            "attn_merge_groups": n_heads if n_chunks > 1 else 0, "attn_table": table_row * head_dim // 4}
 
 
 def attention(gpu: Gpu, q: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_kv_heads: int, head_dim: int,
@@ -384,16 +385,15 @@ def decode_attention(gpu: Gpu, table, qkv: Mat, k_cache, v_cache, out: Mat, *, n
     rotates the q and k heads of ``qkv [1, (n_heads + 2 n_kv) * head_dim]`` (row ``table_row`` of
     ``table [.., hd/2, 2]`` holds position pos0's rotation) as it reads them, appends k and v to the
     rings at slot ``pos0 % cap`` and writes ``out [1, n_heads*head_dim]``; qkv is left as it was.
-    ``scratch``: ``decode_attention_scratch``. Replays take the row from the step value ``attn_table``
-    (in vec4 units: ``table_row * head_dim / 4``)."""
+    ``scratch``: ``decode_attention_scratch``."""
     assert qkv.rows == 1 and qkv.cols == (n_heads + 2 * n_kv_heads) * head_dim and qkv.off % 4 == 0
     assert head_dim <= 256 and head_dim % 4 == 0 and n_heads % n_kv_heads == 0
     assert pos0 + 1 <= cap or cap >= window, "KV ring too small for the window"
     v = decode_attention_values(pos0, window=window, cap=cap, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                                head_dim=head_dim)
+                                head_dim=head_dim, table_row=table_row)
     assert scratch.size >= 4 * n_heads * v["attn_chunks"] * (head_dim + 2), "decode attention scratch too small"
     params = pack_params(n_heads, n_kv_heads, head_dim, v["attn_pos"], window, cap, v["attn_chunks"], qkv.off,
-                         out.off, float(head_dim) ** -0.5, v["attn_split"], table_row * head_dim // 4)
+                         out.off, float(head_dim) ** -0.5, v["attn_split"], v["attn_table"])
     bufs = [qkv.buf, k_cache, v_cache, scratch, out.buf, table]
     step = ((3, "attn_pos"), (6, "attn_chunks"), (10, "attn_split"), (11, "attn_table"))
     gpu.dispatch(gpu.kernel("attention_decode", "partial", KV_F16=kv_f16, HEAD_DIM=head_dim), params, bufs,
