@@ -125,8 +125,10 @@ class Model(_GraphModel):
         return transcribe_stream(self, chunks, transcription_delay_ms=transcription_delay_ms)
 
 
-def resolve_model_path(path: str | os.PathLike | None) -> Path:
-    """A model directory, a .gguf file, or a HF repo id found in the local HF cache."""
+def resolve_model_path(path: str | os.PathLike | None, *, offline: bool | None = None,
+                       progress: bool | None = None) -> Path:
+    """A model directory, a .gguf file, or a HF repo id (``ORG/NAME``, ``ORG/NAME:FILE.gguf``) fetched
+    into the HF cache on first use (:mod:`voxtral_wgpu.hub`; ``offline``: the cache only)."""
     if path is None:
         path = DEFAULT_REPO
     p = Path(os.fsdecode(path)).expanduser()
@@ -139,39 +141,34 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
     if p.exists():
         return p
     s = os.fsdecode(path)
-    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
+    from . import hub
 
-            return Path(snapshot_download(s, local_files_only=True,
-                                          allow_patterns=["params.json", "consolidated.safetensors", "tekken.json",
-                                                          "*.gguf", "*.gguf.part-*"]))
-        except Exception as e:  # LocalEntryNotFoundError, offline mode, ...
-            raise FileNotFoundError(
-                f"model {s!r} is neither a local path nor in the local Hugging Face cache ({type(e).__name__}). "
-                f"Download it first, e.g. `huggingface-cli download {s}`, or pass the model directory"
-            ) from None
+    spec = hub.parse_model_spec(s)
+    if spec is not None:
+        return hub.fetch(*spec, offline=offline, progress=progress)
     raise FileNotFoundError(f"model path {p} does not exist")
 
 
 def load(path: str | os.PathLike | None = None, *, transcription_delay_ms: int | None = None,
          tokenizer: str | os.PathLike | None = None, gpu: Gpu | None = None, progress: bool | None = None,
-         embeddings: str | None = None, kv_cache: str | None = None) -> Model:
+         embeddings: str | None = None, kv_cache: str | None = None, offline: bool | None = None) -> Model:
     """Load a Voxtral Mini 4B Realtime checkpoint onto the GPU.
 
     ``path``: a Mistral-native directory (params.json, consolidated.safetensors in BF16,
-    tekken.json), a ``.gguf`` file, or a Hugging Face repo id present in the local cache (default
-    ``mistralai/Voxtral-Mini-4B-Realtime-2602``). ``transcription_delay_ms``: the default delay of
-    this model's transcriptions (None: tekken.json's, 480 ms). ``tokenizer``: tekken.json when it
-    does not sit beside the weights. ``embeddings`` (GGUF only): "gpu" gathers input embeddings on
-    the GPU (default), "cpu" dequantises the rows with the C extension as the browser build does.
+    tekken.json), a ``.gguf`` file, or a Hugging Face repo id (default
+    ``mistralai/Voxtral-Mini-4B-Realtime-2602``; ``ORG/NAME:FILE.gguf`` picks a GGUF), fetched into
+    the Hugging Face cache on first use; ``offline=True`` (or HF_HUB_OFFLINE=1) reads the cache
+    only. ``transcription_delay_ms``: the default delay of this model's transcriptions (None:
+    tekken.json's, 480 ms). ``tokenizer``: tekken.json when it does not sit beside the weights.
+    ``embeddings`` (GGUF only): "gpu" gathers input embeddings on the GPU (default), "cpu"
+    dequantises the rows with the C extension as the browser build does.
     ``kv_cache``: "f32" or "f16" storage of the attention caches (default: f32 for BF16 weights,
     which keeps float32 parity with the reference; f16 for GGUF models, halving session memory)."""
     if transcription_delay_ms is not None:
         audio_mod.delay_ms_to_tokens(transcription_delay_ms)  # validate before reading gigabytes
     if kv_cache is not None and kv_cache not in KV_CACHE_TYPES:
         raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_TYPES)}, not {kv_cache!r}")
-    root = resolve_model_path(path)
+    root = resolve_model_path(path, offline=offline, progress=progress)
     if gpu is None:
         gpu = Gpu()
     if root.is_file() or root.name.endswith(".gguf.part-000"):

@@ -12,7 +12,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """The options every command that loads a model shares (see :func:`load_model`)."""
     p.add_argument("--model", "-m", default=None,
                    help="model directory (params.json, consolidated.safetensors, tekken.json), a .gguf file, "
-                        "or a Hugging Face repo id in the local cache (default: mistralai/Voxtral-Mini-4B-Realtime-2602)")
+                        "or a Hugging Face repo id, fetched into the HF cache on first use (ORG/NAME:FILE.gguf "
+                        "picks a GGUF; default: mistralai/Voxtral-Mini-4B-Realtime-2602)")
+    p.add_argument("--offline", action="store_true",
+                   help="never touch the network: the model must be a local path or in the HF cache "
+                        "(also HF_HUB_OFFLINE=1)")
     p.add_argument("--tokenizer", default=None, help="tekken.json, when it is not beside the weights")
     p.add_argument("--transcription-delay-ms", type=int, default=None,
                    help="delay between audio and text: 80..2400 in steps of 80 (default: the model's, 480)")
@@ -27,7 +31,8 @@ def load_model(args):
     import voxtral_wgpu
 
     return voxtral_wgpu.load(args.model, transcription_delay_ms=args.transcription_delay_ms,
-                             tokenizer=args.tokenizer, embeddings=args.embeddings, kv_cache=args.kv_cache)
+                             tokenizer=args.tokenizer, embeddings=args.embeddings, kv_cache=args.kv_cache,
+                             offline=getattr(args, "offline", None))
 
 
 def _output_formats() -> list[str]:
