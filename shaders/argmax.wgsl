@@ -8,7 +8,7 @@
 //
 // Bindings
 //   0  params   uniform  Params
-//   1  logits   f32      [n]
+//   1  logits   f32      [n] from element logits_off
 //   2  part_v   f32      [ceil(n/1024)]   (read_write scratch)
 //   3  part_i   u32      [ceil(n/1024)]   (read_write scratch)
 //   4  tokens   u32      [..]             token log; tokens[out_index] is written by `finish`
@@ -20,6 +20,7 @@ struct Params {
     n: u32,
     n_parts: u32,
     out_index: u32,
+    logits_off: u32,  // element of logits where this vector starts (a stream's row in a batch)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -55,8 +56,8 @@ fn partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     var bi = NONE;
     for (var j = 0u; j < 4u; j++) {
         let i = wid.x * 1024u + j * 256u + tid;
-        if (i < p.n && better(logits[i], i, bv, bi)) {
-            bv = logits[i];
+        if (i < p.n && better(logits[p.logits_off + i], i, bv, bi)) {
+            bv = logits[p.logits_off + i];
             bi = i;
         }
     }

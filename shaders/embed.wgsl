@@ -14,7 +14,7 @@
 //   1  tokens  u32      [..] token ids
 //   2  audio   f32      [acap, dim] audio-embedding ring
 //   3  table   u32      [n_rows, dim] BF16 pairs (or F32 bits when !W_BF16)
-//   4  out     f32      [rows, dim]
+//   4  out     f32      [rows, dim] from element out_off
 //
 // Work split: one invocation per (row, column); 256 per workgroup, flat index over x/y.
 
@@ -29,6 +29,7 @@ struct Params {
     row0: u32,
     n_rows: u32,
     first_chunk: u32,
+    out_off: u32,  // element of out where row 0 starts (a stream's row in a batch)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -59,7 +60,7 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     if (inside) {
         e = table_at((tok - p.row0) * p.dim + c);
     }
-    let o = r * p.dim + c;
+    let o = p.out_off + r * p.dim + c;
     if (p.first_chunk != 0u) {
         out[o] = audio[((p.apos0 + r) % p.acap) * p.dim + c] + e;
     } else if (inside) {

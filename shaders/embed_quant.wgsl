@@ -18,7 +18,7 @@
 //   2  audio   f32      [acap, dim] audio-embedding ring
 //   3  qs      u32      quants (embed) / f32 rows (add_rows)
 //   4  sc      u32      f16 scale pairs (embed)
-//   5  out     f32      [rows, dim]
+//   5  out     f32      [rows, dim] from element out_off
 //
 // Work split: one invocation per (row, column); 256 per workgroup, flat index over x/y.
 
@@ -33,6 +33,7 @@ struct Params {
     row0: u32,
     n_rows: u32,
     first_chunk: u32,
+    out_off: u32,  // element of out where row 0 starts (a stream's row in a batch)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -78,7 +79,7 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     if (inside) {
         e = table_at(tok - p.row0, c);
     }
-    let o = r * p.dim + c;
+    let o = p.out_off + r * p.dim + c;
     if (p.first_chunk != 0u) {
         out[o] = audio[((p.apos0 + r) % p.acap) * p.dim + c] + e;
     } else if (inside) {
@@ -94,5 +95,5 @@ fn add_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     }
     let r = idx / p.dim;
     let c = idx % p.dim;
-    out[idx] = audio[((p.apos0 + r) % p.acap) * p.dim + c] + bitcast<f32>(qs[idx]);
+    out[p.out_off + idx] = audio[((p.apos0 + r) % p.acap) * p.dim + c] + bitcast<f32>(qs[idx]);
 }

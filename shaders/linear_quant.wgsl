@@ -36,7 +36,12 @@
 //   7  wc      vec4<u32> third weight chunk (matvec_qkv: v)
 //
 // Work split
-//   matvec* (M <= 4, decode): 256 invocations handle R = MV_RG * MV_RPT output rows of one matrix.
+//   matvec* (decode, any M): a workgroup takes MV_M input rows (a group; p.mq groups of them) and
+//     R = MV_RG * MV_RPT output rows of one matrix; workgroup index = row group + mq * row block, so
+//     the mq workgroups reading one block of W run together (one DRAM read, the rest from L2). Each
+//     input row's sums run in the same order whatever M and MV_M are: with one pipeline (the host
+//     compiles MV_M = 4 for every decode row count), a stream's row is bit-identical alone or in a
+//     batch. 256 invocations handle the R output rows:
 //     The rows form MV_RG row groups of MV_RPT rows each (row group rg: rows rg, rg + MV_RG, ...);
 //     each row group is shared by L = 256 / MV_RG invocations that split its K/32 blocks (lane kl
 //     takes blocks kl, kl + L, ...). Invocation tid = lw + MV_LW * (rg + MV_RG * s), kl = lw + MV_LW * s:
@@ -51,8 +56,9 @@
 //     input row. MV_STAGE (norm, M = 1, K <= 3072; pays where R is large): the workgroup first
 //     writes x * g and sum(x^2) to workgroup memory (one more barrier, after the first step's weight
 //     loads are issued) and the loop reads x * g from there.
-//     matvec / matvec_swiglu: ceil(N / R) workgroups; matvec_qkv: ceil(n1 / R) + ceil(n2 / R) +
-//     ceil((N - n1 - n2) / R), each workgroup within one of the three matrices. Split over x/y.
+//     matvec / matvec_swiglu: mq * ceil(N / R) workgroups; matvec_qkv: mq * (ceil(n1 / R) +
+//     ceil(n2 / R) + ceil((N - n1 - n2) / R)), each workgroup within one of the three matrices.
+//     Split over x/y.
 //     Quants become floats without int->float conversions (quarter-rate on some GPUs): a 4-bit field
 //     q at bit 4i of a 16-bit half word, OR'ed into the bits of 2^23, reads as 2^23 + q * 16^i
 //     exactly, and one subtraction of 2^23 + 8 * 16^i gives (q - 8) * 16^i (Q8_0: bytes biased to
@@ -83,6 +89,7 @@ struct Params {
     sc: u32,
     sc_b: u32,
     sc_c: u32,
+    mq: u32,  // matvec*: groups of MV_M input rows (0 counts as 1), one per workgroup of a row block
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -151,7 +158,7 @@ fn hi4(v: u32) -> vec4<f32> {
 // straight-line (guards on overrides, constant vector components) because Naga bounds every loop
 // with a counter, which can keep a driver from unrolling it and turn register arrays indexed by the
 // loop variable into local-memory spills.
-override MV_M: u32 = 1u;         // rows of x (1..4)
+override MV_M: u32 = 1u;         // rows of x per workgroup (1..4); p.M rows in all, in p.mq groups
 override MV_NORM: bool = false;  // RMSNorm folded in (g at binding 4)
 override MV_LW: u32 = 4u;        // neighbouring invocations on neighbouring blocks of one row group (power of two)
 override MV_RG: u32 = 8u;        // row groups per workgroup (power of two, MV_LW * MV_RG <= 256)
@@ -185,6 +192,8 @@ var<private> up1: vec4<f32>;
 var<private> up2: vec4<f32>;
 var<private> up3: vec4<f32>;
 var<private> ssq: vec4<f32>;
+// first input row of this workgroup's group of MV_M rows (rows mbase .. min(mbase + MV_M, M) - 1)
+var<private> mbase: u32;
 
 const MAGIC: u32 = 0x4b000000u;  // 2^23 as f32 bits
 // Q4_0: fields 0xf, 0xf0, 0xf00, 0xf000 of a 16-bit half word -> (q - 8) * 16^i after subtracting
@@ -301,7 +310,7 @@ fn ld_x(m: u32, b: u32) -> Xb {
                                   shm[j + 6u], shm[j + 7u]);
         return o;
     }
-    let i = (p.x_off + m * p.lda) / 4u + 8u * b;  // x_off, lda multiples of 4 (host checks)
+    let i = (p.x_off + (mbase + m) * p.lda) / 4u + 8u * b;  // x_off, lda multiples of 4 (host checks)
     o.v = array<vec4<f32>, 8>(x4[i], x4[i + 1u], x4[i + 2u], x4[i + 3u], x4[i + 4u], x4[i + 5u], x4[i + 6u],
                               x4[i + 7u]);
     if (MV_NORM) {
@@ -372,7 +381,7 @@ fn use_step(s: Step, swiglu: bool, b: u32, nb: u32) {
         up0 += rows_dot(s.u0, s.u1, s.u2, s.u3, x0.v);
     }
     ssq.x += live * x0.ss;
-    if (MV_M > 1u) {
+    if (MV_M > 1u && mbase + 1u < p.M) {
         let x1 = ld_x(1u, bc);
         acc1 += rows_dot(s.w0, s.w1, s.w2, s.w3, x1.v);
         if (swiglu) {
@@ -380,7 +389,7 @@ fn use_step(s: Step, swiglu: bool, b: u32, nb: u32) {
         }
         ssq.y += live * x1.ss;
     }
-    if (MV_M > 2u) {
+    if (MV_M > 2u && mbase + 2u < p.M) {
         let x2 = ld_x(2u, bc);
         acc2 += rows_dot(s.w0, s.w1, s.w2, s.w3, x2.v);
         if (swiglu) {
@@ -388,7 +397,7 @@ fn use_step(s: Step, swiglu: bool, b: u32, nb: u32) {
         }
         ssq.z += live * x2.ss;
     }
-    if (MV_M > 3u) {
+    if (MV_M > 3u && mbase + 3u < p.M) {
         let x3 = ld_x(3u, bc);
         acc3 += rows_dot(s.w0, s.w1, s.w2, s.w3, x3.v);
         if (swiglu) {
@@ -456,9 +465,9 @@ fn finish_row(m: u32, a: vec4<f32>, u: vec4<f32>, ss: f32, swiglu: bool, tid: u3
             }
             if (swiglu) {
                 let ga = sum_a * inv;
-                y[p.y_off + m * p.ldy + col0 + n] = ga / (1.0 + exp(-ga)) * (sum_u * inv);
+                y[p.y_off + (mbase + m) * p.ldy + col0 + n] = ga / (1.0 + exp(-ga)) * (sum_u * inv);
             } else {
-                epilogue(m, col0 + n, sum_a * inv);
+                epilogue(mbase + m, col0 + n, sum_a * inv);
             }
         }
     }
@@ -553,24 +562,32 @@ fn mv(which: u32, swiglu: bool, tid: u32, row0: u32, nseg: u32, col0: u32) {
         workgroupBarrier();  // the staged x is read before the partial sums overwrite it
     }
     finish_row(0u, acc0, up0, ssq.x, swiglu, tid, row0, nseg, col0);
-    if (MV_M > 1u) {
+    if (MV_M > 1u && mbase + 1u < p.M) {  // uniform over the workgroup
         workgroupBarrier();  // row 0's partials are read before row 1's overwrite them
         finish_row(1u, acc1, up1, ssq.y, swiglu, tid, row0, nseg, col0);
     }
-    if (MV_M > 2u) {
+    if (MV_M > 2u && mbase + 2u < p.M) {  // uniform over the workgroup
         workgroupBarrier();
         finish_row(2u, acc2, up2, ssq.z, swiglu, tid, row0, nseg, col0);
     }
-    if (MV_M > 3u) {
+    if (MV_M > 3u && mbase + 3u < p.M) {  // uniform over the workgroup
         workgroupBarrier();
         finish_row(3u, acc3, up3, ssq.w, swiglu, tid, row0, nseg, col0);
     }
 }
 
+// Workgroup `flat` -> its block of output rows; sets mbase. The groups of input rows vary fastest,
+// so the workgroups that read one block of W run together and the later ones find it in L2.
+fn row_block(flat: u32) -> u32 {
+    let nq = max(p.mq, 1u);
+    mbase = (flat % nq) * MV_M;
+    return flat / nq;
+}
+
 @compute @workgroup_size(256)
 fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) tid: u32) {
-    let row0 = (wid.x + wid.y * nwg.x) * MV_RG * MV_RPT;
+    let row0 = row_block(wid.x + wid.y * nwg.x) * MV_RG * MV_RPT;
     if (row0 < p.N) {
         mv(0u, false, tid, row0, p.N, 0u);
     }
@@ -579,7 +596,7 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
 @compute @workgroup_size(256)
 fn matvec_swiglu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) tid: u32) {
-    let row0 = (wid.x + wid.y * nwg.x) * MV_RG * MV_RPT;
+    let row0 = row_block(wid.x + wid.y * nwg.x) * MV_RG * MV_RPT;
     if (row0 < p.N) {
         mv(0u, true, tid, row0, p.N, 0u);
     }
@@ -591,7 +608,7 @@ fn matvec_swiglu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 fn matvec_qkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) tid: u32) {
     let r = MV_RG * MV_RPT;
-    let group = wid.x + wid.y * nwg.x;
+    let group = row_block(wid.x + wid.y * nwg.x);
     let n3 = p.N - p.n1 - p.n2;
     let g1 = (p.n1 + r - 1u) / r;
     let g2 = (p.n2 + r - 1u) / r;

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from voxtral_wgpu import ops_quant as oq
+from voxtral_wgpu import ops, ops_quant as oq
 from voxtral_wgpu.ops import ACT_GELU, ACT_NONE, ACT_SILU, Mat
 
 QTYPES = ["q4_0", "q8_0"]
@@ -343,13 +343,61 @@ def test_fused_norm_swiglu_and_qkv_decode_kernels(gpu, monkeypatch, dtype, split
             a, b = xn @ d1.T, xn @ d3.T
             got = gpu.read(out, np.float32, M * nf).reshape(M, nf)
             assert np.abs(got - a / (1 + np.exp(-a)) * b).max() < 1e-4
-    # not applicable: too many rows or unaligned x -> nothing recorded, the caller falls back
-    x5 = Mat.of(gpu.upload(np.zeros((5, K), np.float32)), 5, K)
-    assert not oq.swiglu_ffn_in(gpu, x5, wq, wq, Mat.of(out, 5, wq.n), norm=gg, eps=eps)
+    # not applicable: too many rows (unless they are decode rows) or unaligned x -> nothing recorded,
+    # the caller falls back
+    many = ops.MATVEC_GROUPED_MAX + 1
+    xm = Mat.of(gpu.upload(np.zeros((many, K), np.float32)), many, K)
+    ym = Mat.of(gpu.empty(4 * many * wq.n), many, wq.n)
+    assert not oq.swiglu_ffn_in(gpu, xm, wq, wq, ym, norm=gg, eps=eps)
+    assert oq.swiglu_ffn_in(gpu, xm, wq, wq, ym, norm=gg, eps=eps, decode=True)
     assert not oq.qkv_proj(gpu, Mat(gx, 1, K, K, 1), wq, wk, wv, Mat.of(out, 1, n), norm=gg, eps=eps)
     if norm:
         with pytest.raises(ValueError, match="matvec"):
-            oq.linear(gpu, x5, wq, Mat.of(out, 5, wq.n), norm=gg)
+            oq.linear(gpu, xm, wq, ym, norm=gg)
+
+
+@pytest.mark.parametrize("dtype", QTYPES)
+def test_decode_rows_equal_alone(gpu, monkeypatch, dtype):
+    """Every decode kernel (q/k/v, SwiGLU, plain with bias and accumulation, the LM-head split) gives
+    each input row the same bits whatever the number of rows in the dispatch (1 .. 37, groups of
+    4 rows, a last group partly filled): one stream's decoder step equals its row in a batch."""
+    monkeypatch.setattr(oq, "LM_HEAD_ROWS", 60)  # the 61-row matrix takes the LM-head split here
+    rng = np.random.default_rng(11)
+    K, eps = 160, 1e-5
+    g = gpu.upload((1 + 0.2 * rng.standard_normal(K)).astype(np.float32))
+
+    def mk(n):
+        q = ggml_quantize(rng.standard_normal((n, K)) / math.sqrt(K), dtype)
+        return oq.upload_quant(gpu, q, n, K, dtype, "w")
+
+    wq, wk, wv, w1, w3, wh = mk(37), mk(13), mk(20), mk(45), mk(45), mk(61)
+    wb = mk(29)
+    wb.bias = gpu.upload(rng.standard_normal(29).astype(np.float32))
+    M = 37
+    x = (3 * rng.standard_normal((M, K))).astype(np.float32)
+    y0 = rng.standard_normal((M, 70)).astype(np.float32)
+    gx = gpu.upload(x)
+    out = gpu.empty(4 * M * 70)
+
+    def run(r0, m):
+        xv = Mat(gx, m, K, K, r0 * K)
+        res = []
+        assert oq.qkv_proj(gpu, xv, wq, wk, wv, Mat.of(out, m, 70), norm=g, eps=eps, decode=True)
+        res.append(gpu.read(out, np.float32, m * 70))
+        assert oq.swiglu_ffn_in(gpu, xv, w1, w3, Mat.of(out, m, 45), norm=g, eps=eps, decode=True)
+        res.append(gpu.read(out, np.float32, m * 45))
+        gpu.write(out, y0[r0:r0 + m, :29])
+        oq.linear(gpu, xv, wb, Mat.of(out, m, 29), accumulate=True, act=ACT_GELU, decode=True)
+        res.append(gpu.read(out, np.float32, m * 29))
+        oq.linear(gpu, xv, wh, Mat.of(out, m, 61), norm=g, eps=eps, decode=True)
+        res.append(gpu.read(out, np.float32, m * 61))
+        return [r.reshape(m, -1) for r in res]
+
+    alone = [run(r, 1) for r in range(M)]
+    for r0, m in ((0, M), (3, 2), (5, 5), (8, 8), (20, 13)):
+        for k, got in enumerate(run(r0, m)):
+            want = np.concatenate([alone[r0 + i][k] for i in range(m)])
+            assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist(), (k, r0, m)
 
 
 @pytest.mark.parametrize("dtype", QTYPES)

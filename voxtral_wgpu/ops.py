@@ -78,10 +78,11 @@ MATVEC_ROWS = 4  # output columns per matvec workgroup (override ROWS): 4 beat 8
 MATVEC_GROUPED_MAX = 16
 
 
-def _row_groups(x: Mat, w, batch_invariant: bool):
-    """Short batches (5 .. MATVEC_GROUPED_MAX rows) as matvec passes of 4 rows rather than a matmul
-    with too few tiles to fill the GPU: the 4-row starts, or None for the normal path."""
-    if batch_invariant or not 4 < x.rows <= MATVEC_GROUPED_MAX:
+def _row_groups(x: Mat, w, batch_invariant: bool, decode: bool = False):
+    """Short batches (5 .. MATVEC_GROUPED_MAX rows, or any number of decode rows) as matvec passes of
+    4 rows rather than a matmul with too few tiles to fill the GPU: the 4-row starts, or None for the
+    normal path. (matvec.wgsl sums each row alike for every row count.)"""
+    if batch_invariant or not (4 < x.rows <= MATVEC_GROUPED_MAX or (decode and x.rows > 4)):
         return None
     if not _matvec_ok(Mat(x.buf, 4, x.cols, x.ld, x.off), w):
         return None
@@ -156,27 +157,31 @@ def matmul_tiles(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate
 
 
 def linear(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool = False,
-           batch_invariant: bool = False, norm=None, eps: float = 1e-5, scratch: Mat | None = None) -> None:
+           batch_invariant: bool = False, norm=None, eps: float = 1e-5, scratch: Mat | None = None,
+           decode: bool = False) -> None:
     """``y (+)= act(xn @ W^T + b)``; x ``[M, K]``, W ``[N, K]``, y ``[M, N]``; ``xn = x`` or, with
     ``norm=g``, ``RMSNorm(x) * g`` (folded into the decode kernel, else computed into ``scratch``).
 
     ``batch_invariant``: never take a matvec kernel, so each row's result is bit-identical whatever
     M is (matmul sums K in the same order for every row; matvec sums in another order). The encoder
     and adapter use it: streaming batches positions differently from offline, and float rounding
-    differences could otherwise flip near-tie tokens."""
+    differences could otherwise flip near-tie tokens.
+
+    ``decode``: rows are decoder steps (of one or many streams): the decode kernels for any number
+    of rows, each row's result the same as alone."""
     assert x.cols == w.k and y.cols == w.n and x.rows == y.rows, (x, w.n, w.k, y)
     if x.rows == 0:
         return
     if getattr(w, "dtype", "") in ("q4_0", "q8_0"):
         from . import ops_quant  # the quantised kernels have their own shader family
 
-        if norm is not None and not ops_quant.matvec_ok(x, w, batch_invariant=batch_invariant):
+        if norm is not None and not ops_quant.matvec_ok(x, w, batch_invariant=batch_invariant, decode=decode):
             assert scratch is not None, "linear(norm=...) on this path needs a scratch matrix"
             rms_norm(gpu, x, norm, scratch, eps)
             x, norm = scratch, None
         return ops_quant.linear(gpu, x, w, y, act=act, accumulate=accumulate, batch_invariant=batch_invariant,
-                                norm=norm, eps=eps)
-    groups = _row_groups(x, w, batch_invariant)
+                                norm=norm, eps=eps, decode=decode)
+    groups = _row_groups(x, w, batch_invariant, decode)
     if groups is not None:
         for r in groups:
             n = min(4, x.rows - r)
@@ -213,15 +218,16 @@ def linear(gpu: Gpu, x: Mat, w, y: Mat, *, act: int = ACT_NONE, accumulate: bool
 
 
 def swiglu_ffn_in(gpu: Gpu, x: Mat, w1, w3, out: Mat, *, norm, eps: float, scratch: Mat, tmp: Mat,
-                  batch_invariant: bool = False) -> None:
+                  batch_invariant: bool = False, decode: bool = False) -> None:
     """``out = silu(xn W1^T) * (xn W3^T)`` with ``xn = RMSNorm(x) * norm``: one fused kernel for
     decode rows; norm, two linears and ``swiglu`` otherwise (``tmp`` shaped like ``out``)."""
     if getattr(w1, "dtype", "") in ("q4_0", "q8_0"):
         from . import ops_quant
 
-        if ops_quant.swiglu_ffn_in(gpu, x, w1, w3, out, norm=norm, eps=eps, batch_invariant=batch_invariant):
+        if ops_quant.swiglu_ffn_in(gpu, x, w1, w3, out, norm=norm, eps=eps, batch_invariant=batch_invariant,
+                                   decode=decode):
             return
-    groups = _row_groups(x, w1, batch_invariant)
+    groups = _row_groups(x, w1, batch_invariant, decode)
     if groups is not None:
         for r in groups:
             n = min(4, x.rows - r)
@@ -242,7 +248,7 @@ def swiglu_ffn_in(gpu: Gpu, x: Mat, w1, w3, out: Mat, *, norm, eps: float, scrat
 
 
 def qkv_proj(gpu: Gpu, x: Mat, wq, wk, wv, qkv: Mat, *, norm, eps: float, scratch: Mat,
-             batch_invariant: bool = False) -> None:
+             batch_invariant: bool = False, decode: bool = False) -> None:
     """``qkv = [xn Wq^T + bq | xn Wk^T | xn Wv^T + bv]`` with ``xn = RMSNorm(x) * norm``, into the
     column blocks of ``qkv [rows, nq + 2*nkv]``: one fused pass for decode rows (no biases), else a
     norm and three linears."""
@@ -251,9 +257,10 @@ def qkv_proj(gpu: Gpu, x: Mat, wq, wk, wv, qkv: Mat, *, norm, eps: float, scratc
     if getattr(wq, "dtype", "") in ("q4_0", "q8_0"):
         from . import ops_quant
 
-        if ops_quant.qkv_proj(gpu, x, wq, wk, wv, qkv, norm=norm, eps=eps, batch_invariant=batch_invariant):
+        if ops_quant.qkv_proj(gpu, x, wq, wk, wv, qkv, norm=norm, eps=eps, batch_invariant=batch_invariant,
+                              decode=decode):
             return
-    groups = _row_groups(x, wq, batch_invariant)
+    groups = _row_groups(x, wq, batch_invariant, decode)
     if groups is not None:
         for r in groups:
             n = min(4, x.rows - r)
@@ -414,8 +421,9 @@ EMBED_STEP = ((2, "token_slot"), (3, "audio_slot"))  # embed*.wgsl Params fields
 
 
 def embed(gpu: Gpu, tokens, tok_off: int, audio, apos0: int, acap: int, table: DenseWeight, out: Mat) -> None:
-    """``out[r] = audio[(apos0 + r) % acap] + E[tokens[tok_off + r]]`` (token ids read on the GPU)."""
-    assert out.ld == out.cols and out.off == 0
+    """``out[r] = audio[(apos0 + r) % acap] + E[tokens[tok_off + r]]`` (token ids read on the GPU);
+    ``out`` contiguous rows from any offset."""
+    assert out.ld == out.cols
     n = out.rows * out.cols
     if table.dtype in ("q4_0", "q8_0"):
         from . import ops_quant
@@ -423,7 +431,7 @@ def embed(gpu: Gpu, tokens, tok_off: int, audio, apos0: int, acap: int, table: D
         return ops_quant.embed(gpu, tokens, tok_off, audio, apos0, acap, table, out)
     for i, (buf, row0, nrows) in enumerate(table.chunks):
         k = gpu.kernel("embed", "embed", W_BF16=table.dtype == "bf16")
-        params = pack_params(out.rows, out.cols, tok_off, apos0 % acap, acap, row0, nrows, int(i == 0))
+        params = pack_params(out.rows, out.cols, tok_off, apos0 % acap, acap, row0, nrows, int(i == 0), out.off)
         gpu.dispatch(k, params, [tokens, audio, buf, out.buf], _flat_groups(n), step=EMBED_STEP)
 
 
@@ -436,8 +444,9 @@ class Argmax:
         self.part_v = gpu.empty(4 * self.n_parts, "argmax.part_v")
         self.part_i = gpu.empty(4 * self.n_parts, "argmax.part_i")
 
-    def __call__(self, gpu: Gpu, logits, tokens, out_index: int) -> None:
-        params = pack_params(self.n, self.n_parts, out_index)
+    def __call__(self, gpu: Gpu, logits, tokens, out_index: int, logits_off: int = 0) -> None:
+        """``tokens[out_index] = argmax(logits[logits_off : logits_off + n])``."""
+        params = pack_params(self.n, self.n_parts, out_index, logits_off)
         bufs = [logits, self.part_v, self.part_i, tokens]
         step = ((2, "next_token_slot"),)
         gpu.dispatch(gpu.kernel("argmax", "partial"), params, bufs, (self.n_parts, 1), step=step)

@@ -45,7 +45,7 @@ QUANT_BYTES = {"q4_0": 16, "q8_0": 32}  # quant bytes per 32-weight block on the
 GGML_BLOCK_BYTES = {"q4_0": 18, "q8_0": 34}  # bytes per block in a GGUF file (f16 scale first)
 QK = 32
 SC_ALIGN = 256
-MATVEC_MAX_M = 4  # rows of x handled by the matrix-vector kernel; more go to the tiled kernel
+MATVEC_MAX_M = 4  # input rows per matvec workgroup (MV_M); every decode pipeline is compiled for 4
 # matvec work split per decode kernel, linear_quant.wgsl's overrides (MV_LW, MV_RG, MV_RPT, MV_UB):
 # neighbouring invocations on neighbouring blocks of one row, row groups per workgroup, rows per
 # invocation, blocks per row loaded per loop step. A workgroup covers MV_RG * MV_RPT rows with
@@ -65,7 +65,10 @@ MATVEC_SPLITS = {"matvec": (4, 4, 3, 2), "matvec_qkv": (2, 8, 3, 1), "matvec_swi
 # Kinds whose kernel stages x * g in workgroup memory once per workgroup (MV_STAGE; with the norm, one
 # input row and K <= MATVEC_STAGE_K) instead of every invocation multiplying the x it reads by g: it
 # pays where a workgroup covers many rows (q/k/v), not where workgroups are many and small (SwiGLU).
-MATVEC_STAGE = ("matvec_qkv",)
+# Staging sums x^2 in another order than the unstaged kernel, and only for one input row: a stream
+# alone and the same stream in a batch would differ in the last bit. So no kind stages by default
+# (the q/k/v kernel staged until the batched engine; benches/RESULTS.md has the A/B).
+MATVEC_STAGE: tuple = ()
 MATVEC_STAGE_K = 3072
 LM_HEAD_ROWS = 65536  # matrices with at least this many rows use the LM-head split
 F16_HW = False  # scales decoded by unpack2x16float instead of integer ops (same speed measured)
@@ -197,11 +200,12 @@ def dequantize_blocks(blocks: np.ndarray, n: int, k: int, dtype: str) -> np.ndar
 
 
 # ---------------------------------------------------------------------------------------- ops
-def matvec_ok(x, *ws, batch_invariant: bool = False) -> bool:
+def matvec_ok(x, *ws, batch_invariant: bool = False, decode: bool = False) -> bool:
     """Whether the decode kernel (linear_quant.wgsl matvec) takes ``x @ W^T`` for these weights:
-    at most 4 rows, 16-byte aligned activation rows, quantised weights."""
-    return (x.rows <= MATVEC_MAX_M and not batch_invariant and x.off % 4 == 0 and x.ld % 4 == 0
-            and all(getattr(w, "dtype", "") in QTYPES for w in ws))
+    few rows (any number with ``decode``: one decoder step of many streams), 16-byte aligned
+    activation rows, quantised weights. A row's result is the same for every row count."""
+    return ((x.rows <= ops.MATVEC_GROUPED_MAX or decode) and not batch_invariant and x.off % 4 == 0
+            and x.ld % 4 == 0 and all(getattr(w, "dtype", "") in QTYPES for w in ws))
 
 
 def _sc(w: QuantWeight, chunk) -> int:
@@ -210,7 +214,8 @@ def _sc(w: QuantWeight, chunk) -> int:
 
 
 def _matvec_kernel(gpu: Gpu, w: QuantWeight, m: int, entry: str = "matvec", norm: bool = False):
-    """The decode kernel for ``m`` input rows and the output rows each workgroup covers."""
+    """The decode kernel for ``m`` input rows and the output rows each workgroup covers. One
+    pipeline (MV_M = MATVEC_MAX_M) serves every row count, so a row's result never depends on it."""
     kind = "lm_head" if w.n >= LM_HEAD_ROWS else entry
     lw, rg, rpt, ub = MATVEC_SPLITS[kind]
     assert lw & (lw - 1) == 0 and rg & (rg - 1) == 0 and lw * rg <= 256 and 1 <= rpt <= 4 and 1 <= ub <= 4, \
@@ -220,13 +225,18 @@ def _matvec_kernel(gpu: Gpu, w: QuantWeight, m: int, entry: str = "matvec", norm
     # or the staged x * g (K/4 + K/32 vec4s, padded)
     channels = 1 + (entry == "matvec_swiglu") + (norm and not stage)
     shm = max(256 * channels, MATVEC_STAGE_K // 4 + MATVEC_STAGE_K // 32 if stage else 0)
-    kern = gpu.kernel("linear_quant", entry, Q8=w.dtype == "q8_0", MV_M=m, MV_NORM=norm, MV_LW=lw, MV_RG=rg,
+    kern = gpu.kernel("linear_quant", entry, Q8=w.dtype == "q8_0", MV_M=MATVEC_MAX_M, MV_NORM=norm, MV_LW=lw, MV_RG=rg,
                       MV_RPT=rpt, MV_UB=ub, MV_STAGE=stage, MV_SHM=shm, MV_SSP=256 if stage else 1, F16_HW=F16_HW)
     return kern, rg * rpt
 
 
+def _row_groups(m: int) -> int:
+    """Params.mq: the groups of MATVEC_MAX_M input rows a decode dispatch covers."""
+    return -(-m // MATVEC_MAX_M)
+
+
 def linear(gpu: Gpu, x, w: QuantWeight, y, *, act: int = 0, accumulate: bool = False,
-           batch_invariant: bool = False, norm=None, eps: float = 1e-5) -> None:
+           batch_invariant: bool = False, norm=None, eps: float = 1e-5, decode: bool = False) -> None:
     """``y (+)= act(xn @ W^T + b)`` with W quantised; x ``[M, K]``, y ``[M, N]`` (``ops.Mat`` views);
     ``xn = x``, or ``RMSNorm(x) * norm`` folded into the decode kernel (only when
     ``matvec_ok(x, w)``; the caller normalises otherwise).
@@ -236,17 +246,12 @@ def linear(gpu: Gpu, x, w: QuantWeight, y, *, act: int = 0, accumulate: bool = F
     assert x.cols == w.k and y.cols == w.n and x.rows == y.rows, (x, w.n, w.k, y)
     if x.rows == 0:
         return
-    use_mv = matvec_ok(x, w, batch_invariant=batch_invariant)
+    # a few rows (up to ops.MATVEC_GROUPED_MAX, the dense path's threshold) take the decode kernel
+    # rather than tiles that leave most of the GPU idle
+    use_mv = matvec_ok(x, w, batch_invariant=batch_invariant, decode=decode)
     if norm is not None and not use_mv:
         raise ValueError("ops_quant.linear(norm=...) needs the matvec path (see matvec_ok)")
     aligned = x.off % 4 == 0 and x.ld % 4 == 0
-    if not use_mv and aligned and not batch_invariant and x.rows <= ops.MATVEC_GROUPED_MAX:
-        # a few rows: the decode kernel 4 rows at a time rather than tiles that leave most of the GPU
-        # idle (the threshold is the dense path's: ops.MATVEC_GROUPED_MAX)
-        for r0 in range(0, x.rows, MATVEC_MAX_M):
-            n = min(MATVEC_MAX_M, x.rows - r0)
-            linear(gpu, x.take(r0, n), w, y.take(r0, n), act=act, accumulate=accumulate)
-        return
     if not use_mv and aligned:
         # matmul.wgsl's register-blocked tiles, dequantising each K slice as it is staged
         ops.matmul_tiles(gpu, x, w, y, act=act, accumulate=accumulate, w_quant=8 if w.dtype == "q8_0" else 4,
@@ -259,9 +264,10 @@ def linear(gpu: Gpu, x, w: QuantWeight, y, *, act: int = 0, accumulate: bool = F
     for chunk in w.chunks:
         buf, row0, nrows = chunk
         params = pack_params(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, int(w.bias is not None), row0,
-                             act, int(accumulate), int(norm is not None), float(eps), 0, 0, _sc(w, chunk), 0, 0)
+                             act, int(accumulate), int(norm is not None), float(eps), 0, 0, _sc(w, chunk), 0, 0,
+                             _row_groups(x.rows))
         if use_mv:
-            groups = groups_2d(-(-nrows // rows_per_group))
+            groups = groups_2d(_row_groups(x.rows) * -(-nrows // rows_per_group))
         else:
             groups = (-(-nrows // TILE), -(-x.rows // TILE))
         gpu.dispatch(kern, params, [x.buf, buf, w.bias if w.bias is not None else buf,
@@ -269,10 +275,10 @@ def linear(gpu: Gpu, x, w: QuantWeight, y, *, act: int = 0, accumulate: bool = F
 
 
 def swiglu_ffn_in(gpu: Gpu, x, w1: QuantWeight, w3: QuantWeight, out, *, norm, eps: float,
-                  batch_invariant: bool = False) -> bool:
+                  batch_invariant: bool = False, decode: bool = False) -> bool:
     """``out = silu(xn W1^T) * (xn W3^T)``, ``xn = RMSNorm(x) * norm``, in one decode dispatch.
     Returns False (nothing recorded) when the fused kernel does not apply."""
-    if not (matvec_ok(x, w1, w3, batch_invariant=batch_invariant) and w1.dtype == w3.dtype
+    if not (matvec_ok(x, w1, w3, batch_invariant=batch_invariant, decode=decode) and w1.dtype == w3.dtype
             and len(w1.chunks) == len(w3.chunks) == 1 and w1.n == w3.n and w1.k == w3.k
             and w1.bias is None and w3.bias is None):
         return False
@@ -280,18 +286,18 @@ def swiglu_ffn_in(gpu: Gpu, x, w1: QuantWeight, w3: QuantWeight, out, *, norm, e
     kern, rows_per_group = _matvec_kernel(gpu, w1, x.rows, "matvec_swiglu", norm=norm is not None)
     c1, c3 = w1.chunks[0], w3.chunks[0]
     params = pack_params(x.rows, w1.n, w1.k, x.ld, x.off, out.ld, out.off, 0, 0, 0, 0, int(norm is not None),
-                         float(eps), 0, 0, _sc(w1, c1), _sc(w3, c3), 0)
+                         float(eps), 0, 0, _sc(w1, c1), _sc(w3, c3), 0, _row_groups(x.rows))
     gpu.dispatch(kern, params, [x.buf, c1[0], c1[0], norm if norm is not None else c1[0], out.buf, c3[0], c1[0]],
-                 groups_2d(-(-w1.n // rows_per_group)))
+                 groups_2d(_row_groups(x.rows) * -(-w1.n // rows_per_group)))
     return True
 
 
 def qkv_proj(gpu: Gpu, x, wq: QuantWeight, wk: QuantWeight, wv: QuantWeight, qkv, *, norm, eps: float,
-             batch_invariant: bool = False) -> bool:
+             batch_invariant: bool = False, decode: bool = False) -> bool:
     """``qkv = [xn Wq^T | xn Wk^T | xn Wv^T]`` (no biases), ``xn = RMSNorm(x) * norm``, in one decode
     dispatch. Returns False (nothing recorded) when the fused kernel does not apply."""
     ws = (wq, wk, wv)
-    if not (matvec_ok(x, *ws, batch_invariant=batch_invariant) and len({w.dtype for w in ws}) == 1
+    if not (matvec_ok(x, *ws, batch_invariant=batch_invariant, decode=decode) and len({w.dtype for w in ws}) == 1
             and all(len(w.chunks) == 1 and w.bias is None and w.k == wq.k for w in ws)):
         return False
     n = wq.n + wk.n + wv.n
@@ -299,8 +305,9 @@ def qkv_proj(gpu: Gpu, x, wq: QuantWeight, wk: QuantWeight, wv: QuantWeight, qkv
     kern, rows_per_group = _matvec_kernel(gpu, wq, x.rows, "matvec_qkv", norm=norm is not None)
     cq, ck, cv = (w.chunks[0] for w in ws)
     params = pack_params(x.rows, n, wq.k, x.ld, x.off, qkv.ld, qkv.off, 0, 0, 0, 0, int(norm is not None),
-                         float(eps), wq.n, wk.n, _sc(wq, cq), _sc(wk, ck), _sc(wv, cv))
-    groups = sum(-(-w.n // rows_per_group) for w in ws)  # each workgroup within one of the three matrices
+                         float(eps), wq.n, wk.n, _sc(wq, cq), _sc(wk, ck), _sc(wv, cv), _row_groups(x.rows))
+    # each workgroup within one of the three matrices
+    groups = _row_groups(x.rows) * sum(-(-w.n // rows_per_group) for w in ws)
     gpu.dispatch(kern, params, [x.buf, cq[0], cq[0], norm if norm is not None else cq[0], qkv.buf, ck[0], cv[0]],
                  groups_2d(groups))
     return True
@@ -308,7 +315,7 @@ def qkv_proj(gpu: Gpu, x, wq: QuantWeight, wk: QuantWeight, wv: QuantWeight, qkv
 
 def embed(gpu: Gpu, tokens, tok_off: int, audio, apos0: int, acap: int, table: QuantWeight, out) -> None:
     """``out[r] = audio[(apos0 + r) % acap] + E[tokens[tok_off + r]]`` with a quantised table E."""
-    assert out.ld == out.cols and out.off == 0 and out.cols == table.k
+    assert out.ld == out.cols and out.cols == table.k
     n = out.rows * out.cols
     if n == 0:
         return
@@ -329,13 +336,13 @@ def embed(gpu: Gpu, tokens, tok_off: int, audio, apos0: int, acap: int, table: Q
             scratch = table._scratch["rows"] = gpu.empty(max(rows.nbytes, 4 * table.k * 64), "tok_embeddings.cpu_rows")
         gpu.write(scratch, rows)
         kern = gpu.kernel("embed_quant", "add_rows", Q8=q8)
-        params = pack_params(out.rows, out.cols, 0, apos0 % acap, acap, 0, out.rows, 1)
+        params = pack_params(out.rows, out.cols, 0, apos0 % acap, acap, 0, out.rows, 1, out.off)
         gpu.dispatch(kern, params, [tokens, audio, scratch, scratch, out.buf], groups)
         return
     kern = gpu.kernel("embed_quant", "embed", Q8=q8)
     for i, chunk in enumerate(table.chunks):
         _, row0, nrows = chunk
         qv, sv = table.views(chunk)
-        params = pack_params(out.rows, out.cols, tok_off, apos0 % acap, acap, row0, nrows, int(i == 0))
+        params = pack_params(out.rows, out.cols, tok_off, apos0 % acap, acap, row0, nrows, int(i == 0), out.off)
         gpu.dispatch(kern, params, [tokens, audio, qv, sv, out.buf], groups,
                      step=((2, "token_slot"), (3, "audio_slot")))  # as ops.EMBED_STEP

@@ -298,9 +298,10 @@ export const QK = 32;
 export const SC_ALIGN = 256;
 export const MATVEC_MAX_M = 4;
 // (MV_LW, MV_RG, MV_RPT, MV_UB) per decode kernel: ops_quant.MATVEC_SPLITS (a workgroup covers
-// MV_RG * MV_RPT output rows); MATVEC_STAGE: kinds staging x * g per workgroup (norm, one row, K <= 3072)
+// MV_RG * MV_RPT output rows); MATVEC_STAGE: kinds staging x * g per workgroup (norm, one row, K <= 3072):
+// none, as in ops_quant (staging sums x^2 in another order, so a row would differ from its batched twin)
 export const MATVEC_SPLITS = { matvec: [4, 4, 3, 2], matvec_qkv: [2, 8, 3, 1], matvec_swiglu: [2, 8, 3, 1], lm_head: [2, 8, 4, 1] };
-export const MATVEC_STAGE = ["matvec_qkv"];
+export const MATVEC_STAGE = [];
 export const MATVEC_STAGE_K = 3072;
 export const LM_HEAD_ROWS = 65536;
 export const F16_HW = false;
@@ -382,7 +383,7 @@ function quantMatvecKernel(gpu, w, m, entry = "matvec", norm = false) {
   const channels = 1 + Number(entry === "matvec_swiglu") + Number(norm && !(stage && m === 1));
   const shm = Math.max(256 * channels, stage ? MATVEC_STAGE_K / 4 + MATVEC_STAGE_K / 32 : 0);
   const kern = gpu.kernel("linear_quant", entry, {
-    Q8: w.dtype === "q8_0", MV_M: m, MV_NORM: norm, MV_LW: lw, MV_RG: rg, MV_RPT: rpt, MV_UB: ub, MV_STAGE: stage,
+    Q8: w.dtype === "q8_0", MV_M: MATVEC_MAX_M, MV_NORM: norm, MV_LW: lw, MV_RG: rg, MV_RPT: rpt, MV_UB: ub, MV_STAGE: stage,
     MV_SHM: shm, MV_SSP: stage ? 256 : 1, F16_HW,
   });
   return [kern, rg * rpt];
