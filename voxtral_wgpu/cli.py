@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_transcribe)
 
     for module, hook in (("cli_stream", "add_stream_commands"), ("quantize", "add_cli"),
-                         ("web", "add_cli"), ("bench", "add_cli")):
+                         ("web", "add_cli"), ("bench", "add_cli"), ("cli_eval", "add_eval_command")):
         try:
             mod = __import__(f"voxtral_wgpu.{module}", fromlist=[hook])
         except ImportError:
