@@ -89,7 +89,7 @@ def load_dataset(path, fmt: str | None = None, limit: int | None = None) -> tupl
 def _librispeech(root: Path) -> list[Utterance]:
     out = []
     for trans in sorted(root.rglob("*.trans.txt")):
-        for n, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
+        for line in trans.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
             uid, _, text = line.strip().partition(" ")
