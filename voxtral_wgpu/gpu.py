@@ -12,6 +12,10 @@ Everything the graph needs from wgpu goes through :class:`Gpu`:
 * ``Gpu.write`` uploads through the queue; it submits pending work first when that work reads
   the buffer being overwritten, so host writes are always ordered like program order.
 * ``Gpu.flush`` submits; ``Gpu.read`` flushes and maps.
+* ``with Gpu.exclusive():`` around every public model call (a transcription, a stream's feed):
+  calls from several threads take turns on the one recording state, and an exception anywhere in
+  the block (a KeyboardInterrupt included) drops what the call had recorded, so the next call
+  starts from a clean encoder.
 * ``with Gpu.capture() as plan:`` records a step's dispatches (they also run) into a
   :class:`StepPlan`; ``Gpu.replay(plan, values)`` records them again with three raw wgpu-native calls
   each. Dispatches whose Params depend on the step (a KV slot, a position) name those fields with
@@ -24,9 +28,12 @@ Buffers are plain ``wgpu.GPUBuffer`` objects; shapes and dtypes live with the ca
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import struct
+import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +203,12 @@ class Gpu:
         self._capturing: list | None = None
         self._scratch: wgpu.GPUBuffer | None = None
         self._offset_cell = _ffi.new("uint32_t[1]") if _ffi is not None else None
+        # One caller records at a time: the encoder, pass, arena and pending set are shared by every
+        # session on this device. Held per public call (exclusive()), never per dispatch.
+        self.lock = threading.RLock()
+        self._depth = 0  # exclusive() blocks open in the thread that holds the lock
+        self._clean = True  # False from an outermost exclusive() entry until its state is known good
+        self._deferred: collections.deque = collections.deque()  # run_soon() callables not yet run
         self.bytes_allocated = 0  # bytes of the storage buffers this Gpu holds now (for memory reports)
         self.bytes_peak = 0  # the most bytes_allocated has been (reset with reset_peak())
         self.dispatch_count = 0
@@ -209,18 +222,35 @@ class Gpu:
         buf = self.device.create_buffer(size=nbytes, usage=STORAGE, label=label)
         self.bytes_allocated += nbytes
         self.bytes_peak = max(self.bytes_peak, self.bytes_allocated)
+        # A buffer that is dropped without release() (its owner was interrupted half-built) is freed
+        # by wgpu-py when collected; this keeps bytes_allocated true to that as well.
+        fin = buf._voxtral_accounted = weakref.finalize(buf, self._unaccount, nbytes)
+        fin.atexit = False
         return buf
+
+    def _unaccount(self, nbytes: int) -> None:
+        self.bytes_allocated -= nbytes
 
     def release(self, *buffers: wgpu.GPUBuffer) -> None:
         """Free buffers made by :meth:`empty`/:meth:`upload` now (work recorded with them is submitted
         first; their cached bind groups are dropped, or they would keep the memory alive)."""
         if not buffers:
             return
-        self.flush()
-        self.forget(*buffers)
-        self.bytes_allocated -= sum(b.size for b in buffers)
-        for b in buffers:
-            b.destroy()
+        try:
+            self.flush()
+        finally:  # a failed submit still frees them
+            try:
+                self.forget(*buffers)
+                for b in buffers:
+                    fin = getattr(b, "_voxtral_accounted", None)  # None: not made by empty(), not counted
+                    if fin is not None:
+                        fin()  # bytes_allocated -= size, once (a second release counts nothing)
+                    b.destroy()
+            except BaseException:
+                # interrupted half-way (a KeyboardInterrupt): the caller may never come back, and the
+                # bind-group cache would keep the rest alive, so the next exclusive() call finishes it
+                self._deferred.append(lambda: self.release(*buffers))
+                raise
 
     def scratch(self, nbytes: int) -> wgpu.GPUBuffer:
         """A storage buffer of at least ``nbytes`` shared by every caller (split-K partial sums): work
@@ -481,17 +511,84 @@ class Gpu:
             self._last_pipeline = None
 
     def flush(self) -> None:
-        """Submit everything recorded so far."""
-        if self._encoder is None:
+        """Submit everything recorded so far. Whatever happens (a validation error, a
+        KeyboardInterrupt between finish() and submit()), the encoder is gone afterwards: a finished
+        encoder kept for the next call would fail every later call ("Encoding must not have ended")."""
+        encoder = self._encoder
+        if encoder is None:
             return
-        self._end_pass()
-        if self._arena_data:
-            self.queue.write_buffer(self._arena, 0, bytes(self._arena_data))
-        self.queue.submit([self._encoder.finish()])
-        self.submits += 1
+        try:
+            self._end_pass()
+            if self._arena_data:
+                self.queue.write_buffer(self._arena, 0, bytes(self._arena_data))
+            self.queue.submit([encoder.finish()])
+            self.submits += 1
+        finally:
+            self._drop_recording()
+
+    def _drop_recording(self) -> None:
+        """Forget the open encoder and pass with what they recorded (it never runs)."""
         self._encoder = None
+        self._pass = None
+        self._last_pipeline = None
         self._arena_data = bytearray()
         self._pending_buffers.clear()
+
+    def discard(self) -> None:
+        """Drop everything recorded and not submitted, and end any capture(): the state after an
+        exception in the middle of recording (a half-recorded op, a pass begun but not stored...)."""
+        self._capturing = None
+        self._drop_recording()
+
+    # ------------------------------------------------------------------ calls from several threads
+    @contextmanager
+    def exclusive(self):
+        """Hold the device's recording state for one public call (a transcription, a stream's
+        feed/finish/close): calls from other threads wait, so they serialise. Nested blocks in the
+        same thread are free. The outermost block submits what it recorded on the way out, so no
+        call leaves work for the next; if an exception (a KeyboardInterrupt included) leaves it,
+        the call's unsubmitted work is dropped instead and the device stays usable."""
+        with self.lock:
+            outer = self._depth == 0
+            if outer:
+                if not self._clean:  # the last call's cleanup was itself interrupted
+                    self.discard()
+                self._clean = False  # until this call's state is known good again
+            self._depth += 1
+            try:
+                if outer:
+                    self._run_deferred()
+                yield self
+                if outer:
+                    self.flush()
+            except BaseException:
+                if outer:
+                    self.discard()
+                    self._clean = True
+                raise
+            finally:
+                self._depth -= 1
+            if outer:
+                self._clean = True
+
+    def run_soon(self, fn) -> None:
+        """Run ``fn()`` (which takes exclusive() itself) now if no call is recording, else at the start
+        of the next outermost exclusive() block. For garbage-collector callbacks (a dropped stream's
+        release): they may run in any thread, in the middle of another call's recording."""
+        self._deferred.append(fn)
+        if self.lock.acquire(blocking=False):
+            try:
+                # depth 0 and no encoder: nobody is recording (an unguarded user between dispatches
+                # has nothing open a release's flush could submit half-done)
+                if self._depth == 0 and self._encoder is None and self._capturing is None:
+                    with self.exclusive():
+                        pass
+            finally:
+                self.lock.release()
+
+    def _run_deferred(self) -> None:
+        while self._deferred:
+            self._deferred.popleft()()  # popped first: one that raises is not retried forever
 
     def sync(self) -> None:
         """Flush and wait until the GPU is idle."""
