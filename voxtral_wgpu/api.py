@@ -52,7 +52,8 @@ class Model(_GraphModel):
 
     def transcribe(self, audio, *, transcription_delay_ms: int | None = None, progress: bool | None = None,
                    stop_on_eos: bool = True) -> Transcription:
-        """Transcribe a whole recording.
+        """Transcribe a whole recording. Safe to call from several threads: calls on one model take
+        turns on its GPU (they serialise), and each returns what it would alone.
 
         ``audio``: a file path (any format libsndfile reads; resampled to 16 kHz, mixed to mono) or
         a 1-D float32 NumPy array of 16 kHz samples. ``transcription_delay_ms``: 80..2400 in steps
@@ -67,39 +68,43 @@ class Model(_GraphModel):
         left, right = audio_mod.padding(len(samples), n_delay, self.n_left_pad)
         padded = np.concatenate([np.zeros(left, np.float32), samples, np.zeros(right, np.float32)])
         n_positions = len(padded) // audio_mod.SAMPLES_PER_TOKEN
-        session = Session(self, n_delay, chunk_positions=self.offline_chunk_positions)
-        session.stop_on_eos = stop_on_eos
-        session.close(n_positions)
         if progress is None:
             progress = len(samples) > 60 * audio_mod.SAMPLE_RATE and sys.stderr.isatty()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n_positions, unit="pos", desc="transcribing", file=sys.stderr, leave=False)
+        bar = session = None
         # encoder and decoder interleave chunk by chunk; each chunk's log-mel (MelStream: the same
         # frames as log_mel over the whole signal) is computed while the GPU runs the previous chunk
         piece = audio_mod.SAMPLES_PER_TOKEN * self.offline_chunk_positions
         mel_s = 0.0
         try:
-            with MelStream() as mel:
-                for i in range(0, len(padded), piece):
-                    t = time.perf_counter()
-                    frames = mel.feed(padded[i:i + piece])  # [frames, 128]
-                    if i + piece >= len(padded):
-                        frames = np.concatenate([frames, mel.finish()])
-                    mel_s += time.perf_counter() - t
-                    session.push_mel(frames)
-                    session.decode(wait=False)  # ids arrive a chunk late; the GPU never waits for the host
-                    if bar is not None:
-                        bar.n = min(session.next_pos, n_positions)
-                        bar.refresh()
-                    if session.done:
-                        break
-            session.decode()
-            steps = max(session.next_pos - len(session.prompt_ids) + 1, 0)
+            # one call records on the GPU at a time (other threads wait); an exception anywhere inside,
+            # a KeyboardInterrupt included, drops this call's unsubmitted work and the model stays usable
+            with self.gpu.exclusive():
+                session = Session(self, n_delay, chunk_positions=self.offline_chunk_positions)
+                session.stop_on_eos = stop_on_eos
+                session.close(n_positions)
+                if progress:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=n_positions, unit="pos", desc="transcribing", file=sys.stderr, leave=False)
+                with MelStream() as mel:
+                    for i in range(0, len(padded), piece):
+                        t = time.perf_counter()
+                        frames = mel.feed(padded[i:i + piece])  # [frames, 128]
+                        if i + piece >= len(padded):
+                            frames = np.concatenate([frames, mel.finish()])
+                        mel_s += time.perf_counter() - t
+                        session.push_mel(frames)
+                        session.decode(wait=False)  # ids arrive a chunk late; the GPU never waits for the host
+                        if bar is not None:
+                            bar.n = min(session.next_pos, n_positions)
+                            bar.refresh()
+                        if session.done:
+                            break
+                session.decode()
+                steps = max(session.next_pos - len(session.prompt_ids) + 1, 0)
         finally:
-            session.release()  # the GPU buffers of this transcription (the bind-group cache would keep them)
+            if session is not None:
+                session.release()  # the GPU buffers of this transcription (the bind-group cache would keep them)
             if bar is not None:
                 bar.close()
         t_end = time.perf_counter()

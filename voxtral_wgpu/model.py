@@ -283,16 +283,18 @@ class Session:
 
     def release(self) -> None:
         """[stream] Free this session's GPU buffers (idempotent); the session is unusable afterwards.
-        The Gpu's bind-group cache keeps buffers alive, so without this every session would leak them."""
-        if getattr(self, "_released", False):
-            return
-        self._released = True
-        self.done = True
-        self._step_plan = None
-        self._token_reads = []
-        fields = [v for st in (self.enc, self.dec) for v in vars(st).values()]
-        self.gpu.release(*[b for v in fields for b in (v if isinstance(v, list) else [v])
-                           if isinstance(b, wgpu.GPUBuffer)])
+        The Gpu's bind-group cache keeps buffers alive, so without this every session would leak them.
+        Holds the Gpu's lock (Gpu.exclusive): safe from any thread, and from a dropped stream's finalizer."""
+        with self.gpu.exclusive():
+            if getattr(self, "_released", False):
+                return
+            self.done = True
+            self._step_plan = None
+            self._token_reads = []
+            fields = [v for st in (self.enc, self.dec) for v in vars(st).values()]
+            self.gpu.release(*[b for v in fields for b in (v if isinstance(v, list) else [v])
+                               if isinstance(b, wgpu.GPUBuffer)])
+            self._released = True  # only now: a release interrupted half-way is done again by the next call
 
     # ------------------------------------------------------------------ input
     def push_mel(self, frames: np.ndarray) -> None:

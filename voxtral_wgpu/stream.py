@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import collections
 import time
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -199,7 +201,15 @@ def as_chunk(samples) -> np.ndarray:
 # the stream
 # ------------------------------------------------------------------------------------------------
 class StreamClosedError(RuntimeError):
-    """feed()/finish() on a stream that has already finished (or was closed)."""
+    """feed()/finish() on a stream that has already finished, was closed, or was closed because a
+    feed()/finish() call failed (an interrupt, say)."""
+
+
+def _release_abandoned(gpu, session) -> None:
+    """A stream was garbage-collected without finish()/close(): free its session's GPU buffers (the
+    Gpu's bind-group cache would keep them alive). The collector may run this in any thread and in
+    the middle of another call's recording, so the release waits for a moment when nobody records."""
+    gpu.run_soon(session.release)
 
 
 class Stream:
@@ -216,7 +226,18 @@ class Stream:
         duration_s: seconds of input audio fed so far.
         eos: True once the model emitted EOS; further audio is then accepted and ignored (offline
             decoding stops there too). Start a new stream to go on listening.
-        finished: True after ``finish()``.
+        finished: True after ``finish()`` (or ``close()``).
+
+    Streams of one model may be fed from several threads: each ``feed``/``finish``/``close`` holds the
+    model's GPU for the whole call (``Gpu.exclusive``), so calls serialise and every stream's result
+    is the one it would have alone. One stream is fed by one thread at a time.
+
+    If ``feed``/``finish`` fails while decoding (a KeyboardInterrupt, say), the stream is closed: its
+    buffers are freed, later calls raise :class:`StreamClosedError`, and ``token_ids``, ``text`` and
+    ``result()`` keep what was decoded before the failure. The model stays usable.
+
+    A stream dropped without ``finish()``/``close()`` frees its GPU buffers when it is collected
+    (``with model.create_stream() as s:`` closes it at the end of the block).
     """
 
     def __init__(self, model, transcription_delay_ms: int | None = None):
@@ -226,18 +247,25 @@ class Stream:
         self.tokenizer = model.tokenizer
         self.transcription_delay_ms, self.n_delay = model._n_delay(transcription_delay_ms)
         self.n_left_pad = model.n_left_pad
-        self._session = Session(model, self.n_delay)
+        self._gpu = model.gpu
+        with self._gpu.exclusive():
+            self._session = Session(model, self.n_delay)
+        # holds the session, not the stream: a dropped stream is collected, then its session released
+        self._finalizer = weakref.finalize(self, _release_abandoned, self._gpu, self._session)
+        self._finalizer.atexit = False  # at interpreter exit the device goes anyway
         self._mel = MelStream()
         self._text_decoder = self.tokenizer.stream()
         self._n_samples = 0  # real samples fed
         self._finished = False
+        self._closed_by: str | None = None  # why feed()/finish() now refuse, once closed
         self._text = TextAssembler()
         self._delta_first = 0  # index of the first id not yet in a delta
         self._arrivals: collections.deque = collections.deque()  # (real samples after a feed, wall time)
         self.latencies: list[float] = []
         now = time.perf_counter()
         self._arrivals.append((0, now))
-        self._push(self._mel.feed(np.zeros(self.n_left_pad * audio_mod.SAMPLES_PER_TOKEN, np.float32)))
+        with self._failure_closes("create_stream()"):
+            self._push(self._mel.feed(np.zeros(self.n_left_pad * audio_mod.SAMPLES_PER_TOKEN, np.float32)))
 
     # -------------------------------------------------------------------- public
     @property
@@ -265,51 +293,75 @@ class Stream:
         every position it completes; return the new text. A rejected chunk (ValueError/TypeError)
         changes nothing."""
         if self._finished:
-            raise StreamClosedError("Stream.feed() after finish(): the stream has ended; create a new one "
-                                    "with model.create_stream()")
+            raise StreamClosedError(f"Stream.feed() after {self._closed_by or 'finish()'}: the stream has ended; "
+                                    "create a new one with model.create_stream()")
         x = as_chunk(samples)
         if x.size == 0:
             return []
         t_arrival = time.perf_counter()
-        self._n_samples += x.size
-        if self._session.done:  # EOS already: the transcript is complete, nothing more is decoded
-            return []
-        self._arrivals.append((self._n_samples, t_arrival))
-        self._push(self._mel.feed(x))
-        return self._decode()
+        with self._failure_closes("feed()"):
+            self._n_samples += x.size
+            if self._session.done:  # EOS already: the transcript is complete, nothing more is decoded
+                return []
+            self._arrivals.append((self._n_samples, t_arrival))
+            self._push(self._mel.feed(x))
+            return self._decode()
 
     def finish(self) -> list[TextDelta]:
         """End of audio: append the offline right padding, decode until EOS or the last position,
         return the remaining text, and release the GPU buffers."""
         if self._finished:
+            if self._closed_by is not None:
+                raise StreamClosedError(f"Stream.finish() after {self._closed_by}: the stream was closed "
+                                        "without finishing; create a new one with model.create_stream()")
             raise StreamClosedError("Stream.finish() called twice: the stream has already ended")
         self._finished = True
         t_arrival = time.perf_counter()
         left, right = audio_mod.padding(self._n_samples, self.n_delay, self.n_left_pad)
         total_positions = (left + self._n_samples + right) // audio_mod.SAMPLES_PER_TOKEN
         try:
-            if not self._session.done:
-                self._arrivals.append((float("inf"), t_arrival))
-                self._push(self._mel.feed(np.zeros(right, np.float32)))
-                self._push(self._mel.finish())
-                self._session.close(total_positions)
-                events = self._decode()
-            else:
-                events = []
-            tail = self._emit(self._text_decoder.flush(), final=True)
-            if tail is not None:
-                events.append(tail)
-            return events
+            with self._failure_closes("finish()"):
+                if not self._session.done:
+                    self._arrivals.append((float("inf"), t_arrival))
+                    self._push(self._mel.feed(np.zeros(right, np.float32)))
+                    self._push(self._mel.finish())
+                    self._session.close(total_positions)
+                    events = self._decode()
+                else:
+                    events = []
+                tail = self._emit(self._text_decoder.flush(), final=True)
+                if tail is not None:
+                    events.append(tail)
+                return events
         finally:
             self.close()
 
     def close(self) -> None:
-        """Free the stream's GPU buffers and mel context without finishing (idempotent)."""
+        """Free the stream's GPU buffers and mel context without finishing (idempotent); later
+        ``feed``/``finish`` raise :class:`StreamClosedError`."""
+        if not self._finished:
+            self._closed_by = "close()"
         self._finished = True
         if self._mel is not None:
             self._mel.close()
             self._mel = None
         self._session.release()
+        self._finalizer.detach()  # after the release: one interrupted half-way is still done on collection
+
+    @contextmanager
+    def _failure_closes(self, call: str):
+        """Hold the model's GPU for one call (other threads' calls wait). If the call fails part-way,
+        the GPU work it had not submitted is dropped (Gpu.exclusive) and the session no longer matches
+        what ran, so the stream is closed: its buffers freed, later calls refused with the reason."""
+        try:
+            with self._gpu.exclusive():
+                yield
+        except BaseException as e:
+            if self._closed_by is None:
+                self._closed_by = f"{call} failed ({type(e).__name__})"
+            self._finished = True
+            self.close()
+            raise
 
     def __enter__(self) -> "Stream":
         return self
