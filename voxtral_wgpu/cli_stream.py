@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from . import audio as audio_mod
+from .cli_support import PROG, bounded_float, check_output_file, interrupts
 from .subtitles import FORMATS, format_timestamp, write_transcript
+
+CHUNK_MS_RANGE = (1.0, 60_000.0)  # one ms (16 samples) to a minute of audio per feed() call
 
 
 def add_stream_commands(subparsers) -> None:
@@ -36,20 +39,23 @@ def add_stream_commands(subparsers) -> None:
     p.add_argument("audio", help="audio file (anything libsndfile reads; resampled to 16 kHz mono)")
     _common(p)
     p.add_argument("--realtime", action="store_true", help="pace the feeding at real time (as a live source)")
-    p.add_argument("--chunk-ms", type=float, default=80.0, help="audio per feed() call in ms (default 80)")
+    p.add_argument("--chunk-ms", type=bounded_float(*CHUNK_MS_RANGE, "ms"), default=80.0,
+                   help="audio per feed() call in ms (default 80)")
     p.add_argument("--text-only", action="store_true", help="print the running text instead of timed deltas")
-    p.add_argument("--output", "-o", help="also write the final transcript to this file")
+    p.add_argument("--output", "-o", help="also write the transcript to this file (replaced if it exists; "
+                                          "after Ctrl-C it holds the text so far)")
     p.add_argument("--output-format", "-f", choices=FORMATS, default=None,
                    help="format of --output (default: from its extension, else txt)")
-    p.set_defaults(func=cmd_stream)
+    p.set_defaults(func=cmd_stream, ctrl_c_exits=True)
 
     q = subparsers.add_parser("listen", help="transcribe the default microphone live",
                               description="Stream the microphone (sounddevice) and print the text as it comes. "
                                           "Ctrl-C to stop.")
     _common(q)
     q.add_argument("--device", default=None, help="input device index or name (default: the system's default)")
-    q.add_argument("--chunk-ms", type=float, default=80.0, help="audio per feed() call in ms (default 80)")
-    q.set_defaults(func=cmd_listen)
+    q.add_argument("--chunk-ms", type=bounded_float(*CHUNK_MS_RANGE, "ms"), default=80.0,
+                   help="audio per feed() call in ms (default 80)")
+    q.set_defaults(func=cmd_listen, ctrl_c_exits=True)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -106,9 +112,17 @@ def file_chunks(path: str | os.PathLike, chunk_samples: int):
 
 
 def cmd_stream(args) -> int:
+    """Exit status 0, or 130 after Ctrl-C: the feeding stops at the next chunk, the stream is
+    finished (its last words printed) and ``--output`` written with the text so far. A second
+    Ctrl-C leaves at once."""
+    if not Path(args.audio).is_file():
+        raise FileNotFoundError(f"audio file not found: {args.audio}")
+    out_path = fmt = None
+    if args.output:  # checked before loading gigabytes: never the input itself, never a directory
+        out_path = check_output_file(args.output, inputs=[args.audio], what="--output")
+        fmt = args.output_format or _format_from_name(args.output)
     model = _load(args)
     chunk = max(1, int(round(args.chunk_ms * audio_mod.SAMPLE_RATE / 1000.0)))
-    stream = model.create_stream(transcription_delay_ms=args.transcription_delay_ms)
     out = sys.stdout
     t0 = time.perf_counter()
     fed = 0
@@ -122,33 +136,47 @@ def cmd_stream(args) -> int:
                           f" {d.text}\n")
         out.flush()
 
-    try:
-        for x in file_chunks(args.audio, chunk):
-            fed += len(x)
-            if args.realtime:  # this chunk "arrives" once its last sample has been spoken
-                delay = t0 + fed / audio_mod.SAMPLE_RATE - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-            show(stream.feed(x))
-        show(stream.finish())
-    except KeyboardInterrupt:
-        show(stream.finish())
-    finally:
-        stream.close()
-    if args.text_only:
-        out.write("\n")
-    wall = time.perf_counter() - t0
-    result = stream.result()
-    lat = result.timings
-    med, p90 = lat.get("latency_median_s"), lat.get("latency_p90_s")
-    msg = f"{result.duration_s:.1f} s of audio in {wall:.1f} s ({result.duration_s / max(wall, 1e-9):.2f}x real time)"
-    if med is not None:
-        msg += f"; token latency median {1000 * med:.0f} ms, p90 {1000 * p90:.0f} ms"
-    print(msg, file=sys.stderr)
-    if args.output:
-        fmt = args.output_format or _format_from_name(args.output)
-        write_transcript(result, fmt, args.output)
+    with interrupts.deferred():
+        stream = model.create_stream(transcription_delay_ms=args.transcription_delay_ms)
+        try:
+            for x in file_chunks(args.audio, chunk):
+                if interrupts.requested:
+                    break
+                fed += len(x)
+                if args.realtime:  # this chunk "arrives" once its last sample has been spoken
+                    _sleep_until(t0 + fed / audio_mod.SAMPLE_RATE)
+                show(stream.feed(x))
+            show(stream.finish())
+        finally:
+            stream.close()
+        if args.text_only:
+            out.write("\n")
+            out.flush()
+        wall = time.perf_counter() - t0
+        result = stream.result()
+        lat = result.timings
+        med, p90 = lat.get("latency_median_s"), lat.get("latency_p90_s")
+        msg = (f"{result.duration_s:.1f} s of audio in {wall:.1f} s "
+               f"({result.duration_s / max(wall, 1e-9):.2f}x real time)")
+        if med is not None:
+            msg += f"; token latency median {1000 * med:.0f} ms, p90 {1000 * p90:.0f} ms"
+        print(msg, file=sys.stderr)
+        if out_path is not None:
+            write_transcript(result, fmt, out_path)
+    if interrupts.requested:
+        print(f"{PROG}: interrupted" + (f"; {args.output} holds the text so far" if out_path else ""),
+              file=sys.stderr)
+        return 130
     return 0
+
+
+def _sleep_until(deadline: float) -> None:
+    """Sleep in short steps, so that Ctrl-C (deferred to a flag) stops a long wait promptly."""
+    while not interrupts.requested:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.05))
 
 
 def _format_from_name(name: str) -> str:
@@ -230,11 +258,13 @@ def cmd_listen(args) -> int:
     out = sys.stdout
     print("listening... (Ctrl-C to stop)", file=sys.stderr)
     stream = model.create_stream(transcription_delay_ms=args.transcription_delay_ms)
+    # Ctrl-C is how listening ends: it sets a flag (see main) that the loop sees within 0.1 s, and
+    # the stream is finished normally; a KeyboardInterrupt covers callers that did not install that
     try:
-        with mic:
-            while True:
+        with interrupts.deferred(), mic:
+            while not interrupts.requested:
                 try:
-                    x = chunks.get(timeout=1.0)
+                    x = chunks.get(timeout=0.1)
                 except queue.Empty:
                     continue
                 for d in stream.feed(x):
@@ -247,8 +277,9 @@ def cmd_listen(args) -> int:
                     stream = model.create_stream(transcription_delay_ms=args.transcription_delay_ms)
     except KeyboardInterrupt:
         pass
-    for d in stream.finish():
-        out.write(d.text)
-    out.write("\n")
-    out.flush()
+    with interrupts.deferred():
+        for d in stream.finish():
+            out.write(d.text)
+        out.write("\n")
+        out.flush()
     return 0

@@ -34,15 +34,18 @@ of rows at a time, quantised and appended, so host memory holds one slab (<= 64 
 the quantiser's temporaries, never the model.
 
 ``--shard-size 512MB`` splits the one GGUF byte stream into ``OUT.gguf.part-000``, ``-001``, ...
-(plain byte split, like ``split -b``); the loader reads the parts as one stream.
+(plain byte split, like ``split -b``; at most 1000 parts); the loader reads the parts as one stream.
+
+MODEL_DIR/tekken.json is copied beside the output, where the loader looks for it. An output that
+is one of the inputs, or a different tekken.json already beside it, is refused before any work.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -55,6 +58,9 @@ from .weights import ALIASES, SafetensorsFile, WeightsError, expected_shapes, to
 FORMAT_VERSION = 1
 SLAB_ELEMENTS = 16 << 20  # f32 elements quantised per slab (64 MiB)
 SHARD_SUFFIX = ".part-{:03d}"
+MAX_SHARDS = 1000  # the suffix has three digits; the loader stops at the first missing part
+MAX_SIZE = float(1 << 50)
+INPUT_FILES = ("params.json", "consolidated.safetensors", "tekken.json")
 
 
 def _gguf():
@@ -71,7 +77,10 @@ def parse_size(text: str | int | None) -> int | None:
     if not m:
         raise ValueError(f"invalid size {text!r} (examples: 512MB, 2GB, 1048576)")
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    n = int(float(m.group(1)) * mult)
+    x = float(m.group(1)) * mult
+    if not x < MAX_SIZE:  # also a digit string so long that float() gives inf
+        raise ValueError(f"size {text!r} is too large (at most 1 PiB)")
+    n = int(x)
     if n <= 0:
         raise ValueError(f"size must be positive, got {text!r}")
     return n
@@ -186,6 +195,7 @@ def quantize(model_dir, out_path, *, qtype: str = "q4_0", shard_size=None, progr
     shard_size = parse_size(shard_size)
     model_dir = Path(model_dir)
     out_path = Path(out_path)
+    tokenizer_copy = check_output(model_dir, out_path)
     params_path = model_dir / "params.json"
     cfg = ModelConfig.from_file(params_path)
     st_path = model_dir / "consolidated.safetensors"
@@ -212,18 +222,27 @@ def quantize(model_dir, out_path, *, qtype: str = "q4_0", shard_size=None, progr
             raise WeightsError(f"{st_path}: unexpected tensors {sorted(extra)[:5]} (does params.json match?)")
 
         # plan: (name, shape, ggml type, nbytes)
-        plan = []
+        plan, kept_f32 = [], []
         for name, shape in shapes.items():
             if _is_matrix(name, shape) and shape[-1] % 32 == 0:
                 t = qenum
             else:
                 t = gguf.GGMLQuantizationType.F32
                 if _is_matrix(name, shape):
-                    print(f"voxtral-wgpu quantize: {name} has rows of {shape[-1]} (not a multiple of 32): kept F32",
-                          file=sys.stderr)
+                    kept_f32.append((name, shape[-1]))
             bs, ts = gguf.GGML_QUANT_SIZES[t]
             nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // bs) * ts
             plan.append((name, shape, t, nbytes))
+
+        if shard_size is not None:
+            # the header is a few KB; counting it as one more alignment unit per tensor over-estimates
+            data_bytes = sum(nbytes + 32 for *_, nbytes in plan) + (1 << 20)
+            if -(-data_bytes // shard_size) > MAX_SHARDS:
+                raise ValueError(f"shard size {shard_size} bytes would split this model ({data_bytes / 2**20:.1f} MiB) "
+                                 f"into more than {MAX_SHARDS} files; choose at least "
+                                 f"{-(-data_bytes // MAX_SHARDS // 2**20)} MB")
+        for name, row in kept_f32:
+            print(f"voxtral-wgpu quantize: {name} has rows of {row} (not a multiple of 32): kept F32", file=sys.stderr)
 
         # header through gguf's writer, into a small temporary file
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,9 +300,36 @@ def quantize(model_dir, out_path, *, qtype: str = "q4_0", shard_size=None, progr
                 p.unlink(missing_ok=True)
             raise
         sink.close()
+        if tokenizer_copy is not None:  # the loader reads the tokenizer from beside the GGUF
+            shutil.copyfile(model_dir / "tekken.json", tokenizer_copy)
         return sink.paths
     finally:
         src.close()
+
+
+def check_output(model_dir: Path, out_path: Path) -> Path | None:
+    """Refuse, before anything is read or written, an output that would replace an input of
+    ``model_dir`` (or a directory), or sit beside a different tekken.json. Returns where
+    tekken.json is to be copied, or None (already there, or no tekken.json in ``model_dir``)."""
+    if out_path.is_dir():
+        raise ValueError(f"{out_path}: is a directory; the output must be a .gguf file path")
+    outputs = [out_path, out_path.with_name(out_path.name + ".header.tmp")]
+    for name in INPUT_FILES:
+        src = model_dir / name
+        for out in outputs:
+            if os.path.abspath(out) == os.path.abspath(src) or (
+                    out.exists() and src.exists() and os.path.samefile(out, src)):
+                raise ValueError(f"{out_path}: the output would overwrite the input {src}; write the GGUF elsewhere")
+    tokenizer = model_dir / "tekken.json"
+    dest = out_path.parent / "tekken.json"
+    if not tokenizer.is_file():
+        return None
+    if dest.exists():
+        if os.path.samefile(dest, tokenizer) or dest.read_bytes() == tokenizer.read_bytes():
+            return None
+        raise ValueError(f"{dest} exists and differs from {tokenizer}: the GGUF would load with the wrong "
+                         "tokenizer; remove it or write the GGUF to another directory")
+    return dest
 
 
 def _write_tensor(sink: _Sink, src: _RowReader, name: str, shape: tuple, t, gguf) -> None:
@@ -305,20 +351,31 @@ def _write_tensor(sink: _Sink, src: _RowReader, name: str, shape: tuple, t, gguf
 
 # ------------------------------------------------------------------------------------------ CLI
 def add_cli(subparsers) -> None:
+    from .cli_support import byte_size, checkpoint_dir
+
     p = subparsers.add_parser("quantize", help="write a Q4_0 / Q8_0 GGUF from a Mistral-native checkpoint",
                               description="Quantise a Mistral-native checkpoint directory (params.json, "
-                                          "consolidated.safetensors) into a GGUF file.")
-    p.add_argument("model_dir", help="Mistral-native model directory")
+                                          "consolidated.safetensors) into a GGUF file; tekken.json is copied "
+                                          "beside it. An existing OUT is replaced (the command says so); an "
+                                          "OUT that is one of the inputs is refused.")
+    p.add_argument("model_dir", type=checkpoint_dir, help="Mistral-native model directory")
     p.add_argument("out", help="output .gguf path")
     p.add_argument("--type", dest="qtype", default="q4_0", choices=["q4_0", "q8_0"],
                    help="quantisation of the linear layers (default q4_0)")
-    p.add_argument("--shard-size", default=None,
-                   help="split the output into byte shards OUT.part-000, -001, ... of this size (e.g. 512MB)")
+    p.add_argument("--shard-size", type=byte_size, default=None,
+                   help="split the output into byte shards OUT.part-000, -001, ... of this size (e.g. 512MB; "
+                        f"at most {MAX_SHARDS} shards)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_cmd_quantize)
 
 
 def _cmd_quantize(args) -> int:
+    out = Path(args.out)
+    tokenizer_copy = check_output(Path(args.model_dir), out)  # before the progress bar and any work
+    replaced = [p for p in [out] + sorted(out.parent.glob(out.name + ".part-*")) if p.is_file()]
+    if replaced:
+        print(f"voxtral-wgpu quantize: replacing {', '.join(str(p) for p in replaced[:3])}"
+              + (f" and {len(replaced) - 3} more" if len(replaced) > 3 else ""), file=sys.stderr)
     bar = None
     if not args.no_progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -338,15 +395,15 @@ def _cmd_quantize(args) -> int:
             bar.close()
     total = sum(os.path.getsize(p) for p in paths)
     print(f"wrote {len(paths)} file{'s' if len(paths) > 1 else ''}, {total / 2**30:.2f} GiB: "
-          + ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else ""))
+          + ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
+          + (f"; copied {tokenizer_copy}" if tokenizer_copy is not None else ""))
     return 0
 
 
 def main_quantize(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="voxtral-wgpu")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["quantize"] + list(sys.argv[1:] if argv is None else argv))
-    return args.func(args)
+    from .cli import main
+
+    return main(["quantize"] + list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import IO
 
 FORMATS = ("txt", "json", "srt", "vtt")
@@ -110,7 +112,28 @@ def write_transcript(transcription, fmt: str, file: str | os.PathLike | IO[str])
     text file (UTF-8 for paths)."""
     text = render(transcription, fmt)
     if isinstance(file, (str, os.PathLike)):
-        with open(file, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        write_text_atomically(file, text)
     else:
         file.write(text)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file beside it and a rename, so that
+    ``path`` always holds its old content or the whole new one: an interrupt, a full disk or a
+    crash never leaves half a transcript, nor destroys the file it was replacing."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        if path.exists():  # keep the replaced file's mode (mkstemp makes 0600)
+            mode = path.stat().st_mode & 0o7777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
