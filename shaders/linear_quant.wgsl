@@ -529,7 +529,8 @@ fn ld_which(which: u32, swiglu: bool, rows: vec4<u32>, b: u32, lanes: u32, nb: u
 }
 
 // Rows row0 .. row0 + R - 1 of matrix `which` (nseg rows; output columns col0 + row).
-fn mv(which: u32, swiglu: bool, tid: u32, row0: u32, nseg: u32, col0: u32) {
+fn mv(which: u32, swiglu: bool, tid: u32, row0: u32, nseg: u32, col0: u32, mb: u32) {
+    mbase = mb;
     let lanes = 256u / MV_RG;  // L
     let rg = (tid / MV_LW) % MV_RG;
     let kl = tid % MV_LW + MV_LW * (tid / (MV_LW * MV_RG));
@@ -562,43 +563,49 @@ fn mv(which: u32, swiglu: bool, tid: u32, row0: u32, nseg: u32, col0: u32) {
         workgroupBarrier();  // the staged x is read before the partial sums overwrite it
     }
     finish_row(0u, acc0, up0, ssq.x, swiglu, tid, row0, nseg, col0);
-    if (MV_M > 1u && mbase + 1u < p.M) {  // uniform over the workgroup
+    if (MV_M > 1u && mb + 1u < p.M) {  // uniform over the workgroup
         workgroupBarrier();  // row 0's partials are read before row 1's overwrite them
         finish_row(1u, acc1, up1, ssq.y, swiglu, tid, row0, nseg, col0);
     }
-    if (MV_M > 2u && mbase + 2u < p.M) {  // uniform over the workgroup
+    if (MV_M > 2u && mb + 2u < p.M) {  // uniform over the workgroup
         workgroupBarrier();
         finish_row(2u, acc2, up2, ssq.z, swiglu, tid, row0, nseg, col0);
     }
-    if (MV_M > 3u && mbase + 3u < p.M) {  // uniform over the workgroup
+    if (MV_M > 3u && mb + 3u < p.M) {  // uniform over the workgroup
         workgroupBarrier();
         finish_row(3u, acc3, up3, ssq.w, swiglu, tid, row0, nseg, col0);
     }
 }
 
-// Workgroup `flat` -> its block of output rows; sets mbase. The groups of input rows vary fastest,
-// so the workgroups that read one block of W run together and the later ones find it in L2.
+// Workgroup `flat` -> its block of output rows. The groups of input rows vary fastest, so the
+// workgroups that read one block of W run together and the later ones find it in L2.
 fn row_block(flat: u32) -> u32 {
-    let nq = max(p.mq, 1u);
-    mbase = (flat % nq) * MV_M;
-    return flat / nq;
+    return flat / max(p.mq, 1u);
+}
+
+// ... and its first input row (a value, not the private mbase: barriers are guarded by it, and
+// WGSL's uniformity analysis counts private variables as non-uniform)
+fn first_row(flat: u32) -> u32 {
+    return (flat % max(p.mq, 1u)) * MV_M;
 }
 
 @compute @workgroup_size(256)
 fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) tid: u32) {
-    let row0 = row_block(wid.x + wid.y * nwg.x) * MV_RG * MV_RPT;
+    let flat = wid.x + wid.y * nwg.x;
+    let row0 = row_block(flat) * MV_RG * MV_RPT;
     if (row0 < p.N) {
-        mv(0u, false, tid, row0, p.N, 0u);
+        mv(0u, false, tid, row0, p.N, 0u, first_row(flat));
     }
 }
 
 @compute @workgroup_size(256)
 fn matvec_swiglu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) tid: u32) {
-    let row0 = row_block(wid.x + wid.y * nwg.x) * MV_RG * MV_RPT;
+    let flat = wid.x + wid.y * nwg.x;
+    let row0 = row_block(flat) * MV_RG * MV_RPT;
     if (row0 < p.N) {
-        mv(0u, true, tid, row0, p.N, 0u);
+        mv(0u, true, tid, row0, p.N, 0u, first_row(flat));
     }
 }
 
@@ -608,7 +615,8 @@ fn matvec_swiglu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 fn matvec_qkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) tid: u32) {
     let r = MV_RG * MV_RPT;
-    let group = row_block(wid.x + wid.y * nwg.x);
+    let flat = wid.x + wid.y * nwg.x;
+    let group = row_block(flat);
     let n3 = p.N - p.n1 - p.n2;
     let g1 = (p.n1 + r - 1u) / r;
     let g2 = (p.n2 + r - 1u) / r;
@@ -629,7 +637,7 @@ fn matvec_qkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
             nseg = p.n2;
             col0 = p.n1;
         }
-        mv(which, false, tid, row0, nseg, col0);
+        mv(which, false, tid, row0, nseg, col0, first_row(flat));
     }
 }
 
