@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator  # [stream]
+from typing import Iterator
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from .config import ModelConfig
 from .gpu import Gpu
 from .model import Model as _GraphModel
 from .model import KV_CACHE_TYPES, Session
-from .stream import Stream, TextDelta, timed_text, transcribe_stream  # [stream]
+from .stream import Stream, TextDelta, timed_text, transcribe_stream
 from .tokenizer import Tekken
 from .weights import load_safetensors
 
@@ -39,8 +39,8 @@ class Transcription:
     duration_s: float = 0.0  # seconds of input audio
     transcription_delay_ms: int = 480
     timings: dict = field(default_factory=dict)
-    words: list = field(default_factory=list)  # [stream] list[stream.Word]
-    segments: list = field(default_factory=list)  # [stream] list[stream.Segment]
+    words: list = field(default_factory=list)  # list[stream.Word]
+    segments: list = field(default_factory=list)  # list[stream.Segment]
 
 
 class Model(_GraphModel):
@@ -48,7 +48,8 @@ class Model(_GraphModel):
 
     def _n_delay(self, transcription_delay_ms: int | None) -> tuple[int, int]:
         ms = self.default_delay_ms if transcription_delay_ms is None else transcription_delay_ms
-        return int(ms), audio_mod.delay_ms_to_tokens(ms)
+        n_delay = audio_mod.delay_ms_to_tokens(ms)  # refuses NaN, inf and off-grid values before int()
+        return int(ms), n_delay
 
     def transcribe(self, audio, *, transcription_delay_ms: int | None = None, progress: bool | None = None,
                    stop_on_eos: bool = True) -> Transcription:
@@ -109,15 +110,15 @@ class Model(_GraphModel):
                 bar.close()
         t_end = time.perf_counter()
         ids = session.generated
-        words, segments = timed_text(self.tokenizer, ids, duration_s=len(samples) / audio_mod.SAMPLE_RATE)  # [stream]
+        words, segments = timed_text(self.tokenizer, ids, duration_s=len(samples) / audio_mod.SAMPLE_RATE)
         return Transcription(
             text=self.tokenizer.decode(ids).strip(), token_ids=list(ids),
             duration_s=len(samples) / audio_mod.SAMPLE_RATE, transcription_delay_ms=delay_ms,
             timings={"mel_s": mel_s, "model_s": t_end - t0 - mel_s, "steps": steps},
-            words=words, segments=segments,  # [stream]
+            words=words, segments=segments,
         )
 
-    # [stream] streaming entry points (voxtral_wgpu/stream.py)
+    # streaming entry points (voxtral_wgpu/stream.py)
     def create_stream(self, *, transcription_delay_ms: int | None = None) -> Stream:
         """Open a :class:`~voxtral_wgpu.stream.Stream`: ``feed(samples)`` 16 kHz mono audio in chunks of
         any size, get :class:`~voxtral_wgpu.stream.TextDelta` events back, ``finish()`` at the end.

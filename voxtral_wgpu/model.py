@@ -14,9 +14,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import wgpu  # [stream] Session.release
+import wgpu
 
 from . import ops
+from .audio import delay_ms_to_tokens
 from .config import ModelConfig
 from .gpu import Gpu
 from .ops import ACT_GELU, Mat
@@ -78,8 +79,10 @@ class Model:
         self.weights = weights
         self.cfg: ModelConfig = weights.cfg
         self.tokenizer = tokenizer
-        self.default_delay_ms = int(transcription_delay_ms if transcription_delay_ms is not None
-                                    else tokenizer.audio.transcription_delay_ms)
+        default_ms = (transcription_delay_ms if transcription_delay_ms is not None
+                      else tokenizer.audio.transcription_delay_ms)
+        delay_ms_to_tokens(default_ms)  # a clear error for NaN, inf or an off-grid delay (tekken.json's too)
+        self.default_delay_ms = int(default_ms)
         self.n_left_pad = int(tokenizer.audio.streaming_n_left_pad_tokens)
         self._ffn_norms: dict[int, list] = {}
         self.argmax = ops.Argmax(gpu, self.cfg.decoder.vocab_size)
@@ -197,7 +200,7 @@ class Session:
         self._token_reads: list = []  # (first, last, PendingRead): token-ring copies not yet taken
         self.generated: list[int] = []
         self.done = False
-        self.eos = False  # [stream] True when decoding stopped on EOS (not on the position limit)
+        self.eos = False  # True when decoding stopped on EOS (not on the position limit)
         self.taps: dict | None = None  # set to {} to collect per-chunk stage outputs (parity tests, debugging)
         self.stop_on_eos = True  # benchmarks on random weights turn this off to decode every position
         self._step_plan = None  # the recorded decode step (see _decode_step)
@@ -282,7 +285,7 @@ class Session:
         self._step_plan = None  # it binds the old rings
 
     def release(self) -> None:
-        """[stream] Free this session's GPU buffers (idempotent); the session is unusable afterwards.
+        """Free this session's GPU buffers (idempotent); the session is unusable afterwards.
         The Gpu's bind-group cache keeps buffers alive, so without this every session would leak them.
         Holds the Gpu's lock (Gpu.exclusive): safe from any thread, and from a dropped stream's finalizer."""
         with self.gpu.exclusive():
@@ -327,7 +330,7 @@ class Session:
     def _encode_chunk(self, mel: np.ndarray, n: int) -> None:
         """``n`` positions of mel ``[8n, 128]`` -> ``n`` audio embeddings in the decoder's ring.
 
-        [stream] Every linear here is ``batch_invariant``: a row's result must not depend on how the
+        Every linear here is ``batch_invariant``: a row's result must not depend on how the
         positions were batched (streaming chunks vs offline's 32-position batches), or streaming would
         drift from offline by float rounding and flip near-tie tokens."""
         g, e, st = self.gpu, self.cfg.encoder, self.enc
@@ -577,6 +580,6 @@ class Session:
         for t in ids:
             if t == eos and self.stop_on_eos:
                 self.done = True
-                self.eos = True  # [stream]
+                self.eos = True
                 break
             self.generated.append(t)
