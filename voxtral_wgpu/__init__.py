@@ -6,6 +6,7 @@
 """
 
 from .api import DEFAULT_REPO, Model, Transcription, load
+from .engine import Engine
 
-__all__ = ["load", "Model", "Transcription", "DEFAULT_REPO"]
+__all__ = ["load", "Model", "Transcription", "DEFAULT_REPO", "Engine"]
 __version__ = "0.1.0"

@@ -1,0 +1,85 @@
+"""One decoder step for many sessions at once: the rows of every stream through the same weights.
+
+The step is ``Session._decoder_rows(p, 1)`` of each session, laid out as one batch of rows: the
+linear layers (q/k/v, wo, the SwiGLU FFN, w2, the LM head) run once over all rows with the decode
+kernels, which give each row the bits it gets alone (``ops.linear(..., decode=True)``: one pipeline
+for every row count, the same per-row summation order); what belongs to one stream (its token and
+audio rings, its rotation, its KV caches, its argmax into its token ring) runs per row on that
+stream's buffers. So a stream's tokens are those of ``Model.transcribe()`` whatever its companions.
+Rows are ordered by delay: the FFN norm carries the delay's ada scale (spec §5.1), one dispatch per
+delay present.
+"""
+
+from __future__ import annotations
+
+from .. import ops
+from ..model import STEP_TABLE_RING, TOKEN_RING
+from ..ops import Mat
+
+
+class DecodeBatch:
+    """Activation buffers for up to ``rows`` decoder rows, and the batched step over sessions."""
+
+    def __init__(self, model, rows: int):
+        g, d = model.gpu, model.cfg.decoder
+        self.model, self.gpu, self.rows = model, g, int(rows)
+        R = self.rows
+        dq, dkv = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+        self.x = g.empty(4 * R * d.dim, "batch.x")
+        self.xb = g.empty(4 * R * d.dim, "batch.xb")
+        self.qkv = g.empty(4 * R * (dq + 2 * dkv), "batch.qkv")
+        self.att = g.empty(4 * R * dq, "batch.att")
+        self.f1 = g.empty(4 * R * d.hidden_dim, "batch.f1")
+        self.f3 = g.empty(4 * R * d.hidden_dim, "batch.f3")
+        self.z = g.empty(4 * R * d.dim, "batch.z")
+        self.logits = g.empty(4 * R * d.vocab_size, "batch.logits")
+        self.nbytes = sum(b.size for b in (self.x, self.xb, self.qkv, self.att, self.f1, self.f3, self.z, self.logits))
+
+    def release(self) -> None:
+        self.gpu.release(self.x, self.xb, self.qkv, self.att, self.f1, self.f3, self.z, self.logits)
+
+    def step(self, sessions: list) -> None:
+        """Decode position ``s.next_pos`` of every session (at most ``rows``; all prefilled) and advance
+        it; each token lands in its session's GPU token ring, read back later."""
+        assert 0 < len(sessions) <= self.rows
+        g, d, w = self.gpu, self.model.cfg.decoder, self.model.weights
+        sessions = sorted(sessions, key=lambda s: s.n_delay)
+        n = len(sessions)
+        dq, dkv = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+        x = Mat.of(self.x, n, d.dim)
+        xb, qkv = Mat.of(self.xb, n, d.dim), Mat.of(self.qkv, n, dq + 2 * dkv)
+        att = Mat.of(self.att, n, dq)
+        f1, f3 = Mat.of(self.f1, n, d.hidden_dim), Mat.of(self.f3, n, d.hidden_dim)
+        heads = dict(n_heads=d.n_heads, n_kv_heads=d.n_kv_heads, head_dim=d.head_dim)
+        for i, s in enumerate(sessions):
+            p, st = s.next_pos, s.dec
+            s._grow_decoder_cache(p + 1)
+            s._write_step_table(p)
+            ops.embed(g, st.tokens, p % TOKEN_RING, st.audio, p, st.acap, w.tok_embeddings, x.take(i, 1))
+        # rows of one delay are consecutive: (first row, rows, FFN norm weights of that delay)
+        groups = []
+        for i, s in enumerate(sessions):
+            if groups and groups[-1][2] is s.ffn_norms:
+                groups[-1][1] += 1
+            else:
+                groups.append([i, 1, s.ffn_norms])
+        for li, layer in enumerate(w.dec_layers):
+            ops.qkv_proj(g, x, layer.wq, layer.wk, layer.wv, qkv, norm=layer.attention_norm, eps=d.norm_eps,
+                         scratch=xb, decode=True)
+            for i, s in enumerate(sessions):
+                p, st = s.next_pos, s.dec
+                ops.decode_attention(g, st.step_rope, qkv.take(i, 1), st.k_cache[li], st.v_cache[li], att.take(i, 1),
+                                     **heads, pos0=p, window=d.sliding_window, cap=st.cap, scratch=st.part,
+                                     kv_f16=s.kv_f16, table_row=p % STEP_TABLE_RING)
+            ops.linear(g, att, layer.wo, x, accumulate=True, decode=True)
+            for r0, rows, norms in groups:
+                ops.swiglu_ffn_in(g, x.take(r0, rows), layer.w1, layer.w3, f1.take(r0, rows), norm=norms[li],
+                                  eps=d.norm_eps, scratch=xb.take(r0, rows), tmp=f3.take(r0, rows), decode=True)
+            ops.linear(g, f1, layer.w2, x, accumulate=True, decode=True)
+        # final norm folded into the tied LM head, then each row's argmax into its stream's ring
+        ops.linear(g, x, w.tok_embeddings, Mat.of(self.logits, n, d.vocab_size), norm=w.norm, eps=d.norm_eps,
+                   scratch=Mat.of(self.z, n, d.dim), decode=True)
+        for i, s in enumerate(sessions):
+            self.model.argmax(g, self.logits, s.dec.tokens, (s.next_pos + 1) % TOKEN_RING,
+                              logits_off=i * d.vocab_size)
+            s.next_pos += 1
