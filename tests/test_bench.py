@@ -135,3 +135,19 @@ def test_synthetic_quantised_weights_match_a_gguf(gpu, tmp_path, qtype):
     w = dequantize_blocks(np.concatenate([scales[:2 * nb].reshape(nb, 2), quants.reshape(nb, -1)], axis=1),
                           w2.n, w2.k, qtype)
     assert abs(w.std() * math.sqrt(w2.k) - 1) < 0.1, w.std()  # std 1/sqrt(fan_in)
+
+
+def test_bench_streams_smoke(tmp_path, capsys):
+    """``--streams``: live streams through one Engine at real time on a tiny synthetic model."""
+    from voxtral_wgpu import bench
+
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(TINY_PARAMS))
+    assert bench.main(["--params", str(params), "--streams", "1", "3", "--stream-seconds", "1.2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = res["streams"]["per_n"]
+    assert [r["streams"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["rows_per_step"] >= 1 and r["ticks"] > 0 and r["lat_ms_p50"] is not None
+        assert r["gpu_bytes_per_stream"] > 0 and isinstance(r["kept_up"], bool)
+    assert res["streams"]["max_streams_kept_up"] in (0, 1, 3)

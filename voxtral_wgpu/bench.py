@@ -431,6 +431,10 @@ def main(argv=None) -> int:
                     help="audio lengths for the encoder's ms per second of audio (the first is the headline row)")
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
     ap.add_argument("--compare-hf", action="store_true", help="also run the HF transformers peer (needs CUDA)")
+    ap.add_argument("--streams", type=int, nargs="+", default=None, metavar="N",
+                    help="instead of the single-stream figures: N live streams through one Engine, fed at real "
+                         "time (voxtral_wgpu/engine/bench.py), for each N given")
+    ap.add_argument("--stream-seconds", type=float, default=30.0, help="seconds of audio per stream with --streams")
     ap.add_argument("--params", default=None, help="params.json of other dimensions for the synthetic model "
                                                    "(default: the published 4B shapes)")
     args = ap.parse_args(argv)
@@ -458,6 +462,15 @@ def main(argv=None) -> int:
            "weight_bytes": model.weights.nbytes}
     log(f"adapter: {gpu.description}; weights {kind} ({wdtype}), {_size(model.weights.nbytes)}, "
         f"loaded in {res['load_s']:.1f} s; KV cache {res['kv_cache']}")
+    if args.streams:
+        from .engine.bench import measure_streams
+
+        if min(args.streams) < 1 or not args.stream_seconds > 0:
+            ap.error("--streams takes positive counts and --stream-seconds a positive duration")
+        res["streams"] = measure_streams(model, args.streams, args.stream_seconds, log=log)
+        if args.json:
+            print(json.dumps(res))
+        return 0
     res.update(measure(model, args.seconds, steps=args.steps, encoder_seconds=args.encoder_seconds, log=log))
     peaks = ", ".join(f"{_size(res[f'gpu_peak_bytes_{sec:g}s'])} ({sec:g} s)" for sec in args.seconds)
     log(f"GPU memory (buffers): {_size(res['gpu_bytes'])} held at the end, peak during offline transcription "

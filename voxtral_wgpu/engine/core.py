@@ -75,7 +75,7 @@ class Engine:
         self._closed = False
         self._error: BaseException | None = None
         self._wake = False
-        self._stats = {"ticks": 0, "steps": 0, "rows": 0, "step_s": 0.0, "tick_s": 0.0}
+        self._stats = {"ticks": 0, "steps": 0, "rows": 0, "step_s": 0.0, "tick_s": 0.0, "encode_s": 0.0}
         with self.gpu.exclusive():
             self._batch = DecodeBatch(model, max_streams)
         self._thread = threading.Thread(target=self._run, name="voxtral-engine", daemon=True)
@@ -132,8 +132,8 @@ class Engine:
         return results
 
     def stats(self) -> dict:
-        """Counters: open streams, ticks, decoder steps and rows so far, seconds recording steps and
-        ticks, GPU bytes this process holds, and the batch buffers' bytes."""
+        """Counters: open streams, ticks, decoder steps and rows so far, host seconds recording steps,
+        ticks and the encoder (with prefills), GPU bytes this process holds, the batch buffers' bytes."""
         with self._lock:
             return {**self._stats, "streams": len(self._slots), "max_streams": self.max_streams,
                     "gpu_bytes": self.gpu.bytes_allocated, "batch_bytes": self._batch.nbytes}
@@ -256,7 +256,7 @@ class Engine:
             if total is not None and sess.total_positions is None:
                 sess.close(total)
             live.append(slot)
-        L = None
+        t_enc = time.perf_counter()
         for slot in live:
             sess = slot.session
             sess.encode_available()
@@ -265,6 +265,7 @@ class Engine:
                 sess._decoder_rows(0, L - 1, head=False)  # prompt positions 0..L-2 fill the KV cache
                 sess.next_pos = L - 1
                 sess.prefilled = True
+        self._stats["encode_s"] += time.perf_counter() - t_enc
         for _ in range(STEPS_PER_TICK):
             rows = [s.session for s in live if s.session.prefilled and not s.session.done
                     and s.session.next_pos < _limit(s.session)]
