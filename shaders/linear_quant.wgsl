@@ -38,10 +38,10 @@
 // Work split
 //   matvec* (decode, any M): a workgroup takes MV_M input rows (a group; p.mq groups of them) and
 //     R = MV_RG * MV_RPT output rows of one matrix; workgroup index = row group + mq * row block, so
-//     the mq workgroups reading one block of W run together (one DRAM read, the rest from L2). Each
-//     input row's sums run in the same order whatever M and MV_M are: with one pipeline (the host
-//     compiles MV_M = 4 for every decode row count), a stream's row is bit-identical alone or in a
-//     batch. 256 invocations handle the R output rows:
+//     the mq workgroups reading one block of W run together (one DRAM read, the rest from L2). The
+//     host compiles MV_M = 1 for every row count: one row per workgroup, so a stream's row runs the
+//     same code (staging included) alone or in a batch of any size, and is bit-identical in both.
+//     256 invocations handle the R output rows:
 //     The rows form MV_RG row groups of MV_RPT rows each (row group rg: rows rg, rg + MV_RG, ...);
 //     each row group is shared by L = 256 / MV_RG invocations that split its K/32 blocks (lane kl
 //     takes blocks kl, kl + L, ...). Invocation tid = lw + MV_LW * (rg + MV_RG * s), kl = lw + MV_LW * s:
@@ -53,7 +53,7 @@
 //     re-read its last row (never stored) and blocks past K the last block with scale 0, so the
 //     inner code has no branches. The partial sums (and sum(x^2) with MV_NORM) meet in workgroup
 //     memory; R invocations each add their row's L partials and run the epilogue: one barrier per
-//     input row. MV_STAGE (norm, M = 1, K <= 3072; pays where R is large): the workgroup first
+//     input row. MV_STAGE (norm, MV_M = 1, K <= 3072; pays where R is large): the workgroup first
 //     writes x * g and sum(x^2) to workgroup memory (one more barrier, after the first step's weight
 //     loads are issued) and the loop reads x * g from there.
 //     matvec / matvec_swiglu: mq * ceil(N / R) workgroups; matvec_qkv: mq * (ceil(n1 / R) +
@@ -473,9 +473,9 @@ fn finish_row(m: u32, a: vec4<f32>, u: vec4<f32>, ss: f32, swiglu: bool, tid: u3
     }
 }
 
-// x * g of input row 0 into shm, sum(x^2) into ssp / ssp2 (read after the next barrier)
+// x * g of the workgroup's first input row into shm, sum(x^2) into ssp / ssp2 (read after the next barrier)
 fn stage_x(tid: u32) {
-    let base = p.x_off / 4u;
+    let base = (p.x_off + mbase * p.lda) / 4u;
     var ss = 0.0;
     for (var i = tid; i < p.K / 4u; i += 256u) {
         let v = x4[base + i];

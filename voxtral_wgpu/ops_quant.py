@@ -45,7 +45,11 @@ QUANT_BYTES = {"q4_0": 16, "q8_0": 32}  # quant bytes per 32-weight block on the
 GGML_BLOCK_BYTES = {"q4_0": 18, "q8_0": 34}  # bytes per block in a GGUF file (f16 scale first)
 QK = 32
 SC_ALIGN = 256
-MATVEC_MAX_M = 4  # input rows per matvec workgroup (MV_M); every decode pipeline is compiled for 4
+# Input rows per matvec workgroup (MV_M): one, whatever the rows of the dispatch (a workgroup per row
+# and block of W), so a row runs the same pipeline alone (a single stream's step) or in a batch of
+# many streams and is bit-identical in both. H100, Q4_0 single-stream step, pipelined: 2.05 ms with
+# one row per workgroup, 2.78 ms with pipelines compiled for 4 rows and the q/k/v staging off.
+MATVEC_ROWS_PER_GROUP = 1
 # matvec work split per decode kernel, linear_quant.wgsl's overrides (MV_LW, MV_RG, MV_RPT, MV_UB):
 # neighbouring invocations on neighbouring blocks of one row, row groups per workgroup, rows per
 # invocation, blocks per row loaded per loop step. A workgroup covers MV_RG * MV_RPT rows with
@@ -65,10 +69,7 @@ MATVEC_SPLITS = {"matvec": (4, 4, 3, 2), "matvec_qkv": (2, 8, 3, 1), "matvec_swi
 # Kinds whose kernel stages x * g in workgroup memory once per workgroup (MV_STAGE; with the norm, one
 # input row and K <= MATVEC_STAGE_K) instead of every invocation multiplying the x it reads by g: it
 # pays where a workgroup covers many rows (q/k/v), not where workgroups are many and small (SwiGLU).
-# Staging sums x^2 in another order than the unstaged kernel, and only for one input row: a stream
-# alone and the same stream in a batch would differ in the last bit. So no kind stages by default
-# (the q/k/v kernel staged until the batched engine; benches/RESULTS.md has the A/B).
-MATVEC_STAGE: tuple = ()
+MATVEC_STAGE = ("matvec_qkv",)
 MATVEC_STAGE_K = 3072
 LM_HEAD_ROWS = 65536  # matrices with at least this many rows use the LM-head split
 F16_HW = False  # scales decoded by unpack2x16float instead of integer ops (same speed measured)
@@ -215,24 +216,24 @@ def _sc(w: QuantWeight, chunk) -> int:
 
 def _matvec_kernel(gpu: Gpu, w: QuantWeight, m: int, entry: str = "matvec", norm: bool = False):
     """The decode kernel for ``m`` input rows and the output rows each workgroup covers. One
-    pipeline (MV_M = MATVEC_MAX_M) serves every row count, so a row's result never depends on it."""
+    pipeline serves every row count (MATVEC_ROWS_PER_GROUP), so a row's result never depends on it."""
     kind = "lm_head" if w.n >= LM_HEAD_ROWS else entry
     lw, rg, rpt, ub = MATVEC_SPLITS[kind]
     assert lw & (lw - 1) == 0 and rg & (rg - 1) == 0 and lw * rg <= 256 and 1 <= rpt <= 4 and 1 <= ub <= 4, \
         (kind, MATVEC_SPLITS[kind])
-    stage = kind in MATVEC_STAGE and norm and m == 1 and w.k <= MATVEC_STAGE_K
+    stage = kind in MATVEC_STAGE and norm and MATVEC_ROWS_PER_GROUP == 1 and w.k <= MATVEC_STAGE_K
     # workgroup memory: vec4 channels of partial sums (rows, SwiGLU's up rows, sum(x^2) unless staged),
     # or the staged x * g (K/4 + K/32 vec4s, padded)
     channels = 1 + (entry == "matvec_swiglu") + (norm and not stage)
     shm = max(256 * channels, MATVEC_STAGE_K // 4 + MATVEC_STAGE_K // 32 if stage else 0)
-    kern = gpu.kernel("linear_quant", entry, Q8=w.dtype == "q8_0", MV_M=MATVEC_MAX_M, MV_NORM=norm, MV_LW=lw, MV_RG=rg,
+    kern = gpu.kernel("linear_quant", entry, Q8=w.dtype == "q8_0", MV_M=MATVEC_ROWS_PER_GROUP, MV_NORM=norm, MV_LW=lw, MV_RG=rg,
                       MV_RPT=rpt, MV_UB=ub, MV_STAGE=stage, MV_SHM=shm, MV_SSP=256 if stage else 1, F16_HW=F16_HW)
     return kern, rg * rpt
 
 
 def _row_groups(m: int) -> int:
-    """Params.mq: the groups of MATVEC_MAX_M input rows a decode dispatch covers."""
-    return -(-m // MATVEC_MAX_M)
+    """Params.mq: the groups of MATVEC_ROWS_PER_GROUP input rows a decode dispatch covers."""
+    return -(-m // MATVEC_ROWS_PER_GROUP)
 
 
 def linear(gpu: Gpu, x, w: QuantWeight, y, *, act: int = 0, accumulate: bool = False,

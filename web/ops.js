@@ -298,10 +298,10 @@ export const QK = 32;
 export const SC_ALIGN = 256;
 export const MATVEC_MAX_M = 4;
 // (MV_LW, MV_RG, MV_RPT, MV_UB) per decode kernel: ops_quant.MATVEC_SPLITS (a workgroup covers
-// MV_RG * MV_RPT output rows); MATVEC_STAGE: kinds staging x * g per workgroup (norm, one row, K <= 3072):
-// none, as in ops_quant (staging sums x^2 in another order, so a row would differ from its batched twin)
+// MV_RG * MV_RPT output rows); MATVEC_STAGE: kinds staging x * g per workgroup (norm, K <= 3072); one input
+// row per workgroup (MV_M = 1, Params.mq = rows), as ops_quant.MATVEC_ROWS_PER_GROUP
 export const MATVEC_SPLITS = { matvec: [4, 4, 3, 2], matvec_qkv: [2, 8, 3, 1], matvec_swiglu: [2, 8, 3, 1], lm_head: [2, 8, 4, 1] };
-export const MATVEC_STAGE = [];
+export const MATVEC_STAGE = ["matvec_qkv"];
 export const MATVEC_STAGE_K = 3072;
 export const LM_HEAD_ROWS = 65536;
 export const F16_HW = false;
@@ -378,12 +378,12 @@ const sc = (w, chunk) => chunkLayout(w.dtype, chunk[2], w.k)[1] / 16;
 function quantMatvecKernel(gpu, w, m, entry = "matvec", norm = false) {
   const kind = w.n >= LM_HEAD_ROWS ? "lm_head" : entry;
   const [lw, rg, rpt, ub] = MATVEC_SPLITS[kind];
-  const stage = MATVEC_STAGE.includes(kind) && norm && m === 1 && w.k <= MATVEC_STAGE_K;
+  const stage = MATVEC_STAGE.includes(kind) && norm && w.k <= MATVEC_STAGE_K;
   // workgroup memory: vec4 channels of partial sums, or the staged x * g (ops_quant._matvec_kernel)
-  const channels = 1 + Number(entry === "matvec_swiglu") + Number(norm && !(stage && m === 1));
+  const channels = 1 + Number(entry === "matvec_swiglu") + Number(norm && !stage);
   const shm = Math.max(256 * channels, stage ? MATVEC_STAGE_K / 4 + MATVEC_STAGE_K / 32 : 0);
   const kern = gpu.kernel("linear_quant", entry, {
-    Q8: w.dtype === "q8_0", MV_M: MATVEC_MAX_M, MV_NORM: norm, MV_LW: lw, MV_RG: rg, MV_RPT: rpt, MV_UB: ub, MV_STAGE: stage,
+    Q8: w.dtype === "q8_0", MV_M: 1, MV_NORM: norm, MV_LW: lw, MV_RG: rg, MV_RPT: rpt, MV_UB: ub, MV_STAGE: stage,
     MV_SHM: shm, MV_SSP: stage ? 256 : 1, F16_HW,
   });
   return [kern, rg * rpt];
@@ -404,8 +404,9 @@ export function quantLinear(gpu, x, w, y, { act = 0, accumulate = false, batchIn
   for (const chunk of w.chunks) {
     const [buf, row0, nrows] = chunk;
     const params = packParams(x.rows, nrows, w.k, x.ld, x.off, y.ld, y.off + row0, Number(w.bias !== null), row0,
-      act, Number(accumulate), Number(norm !== null), f(eps), 0, 0, sc(w, chunk), 0, 0);
-    const groups = useMv ? groups2d(cdiv(nrows, rowsPerGroup)) : [cdiv(nrows, TILE), cdiv(x.rows, TILE)];
+      act, Number(accumulate), Number(norm !== null), f(eps), 0, 0, sc(w, chunk), 0, 0, x.rows);
+    // matvec: a workgroup per input row (Params.mq) and block of output rows
+    const groups = useMv ? groups2d(x.rows * cdiv(nrows, rowsPerGroup)) : [cdiv(nrows, TILE), cdiv(x.rows, TILE)];
     gpu.dispatch(kern, params, [x.buf, buf, w.bias ?? buf, norm ?? buf, y.buf, buf, buf], groups);
   }
 }
