@@ -14,6 +14,14 @@
 //   2  kc      u32      [cap, n_kv_heads*head_dim] f32 bits, or f16 pairs with KV_F16 (rope_qkv.wgsl)
 //   3  vc      u32      like kc
 //   4  out     f32      [rows, ldo] from o_off; head h at columns h*head_dim
+//   5  blocks  vec4<u32> [n_blocks] attention_blocks only (bind anything for attention): per block of
+//                       query rows (first row, rows <= 64, position of the first row, ring base slot)
+//
+// attention_blocks: the blocks of many streams in one dispatch (the engine's encoder). Block b's
+// rows are rows row0 .. row0 + rows - 1 of q / out, at positions pos .. pos + rows - 1 of one stream
+// whose keys live at slots base + (j % cap) of kc / vc (each stream's ring of cap slots in one pool).
+// p.rows, p.pos0 are unused there; groups: n_blocks * n_heads * ceil(head_dim / 64). Each row is
+// computed exactly as by `attention` (the same function, the same tiles of absolute key positions).
 //
 // Work split: one workgroup of 256 invocations per (block of BR = 64 query rows, head, slice of
 // DV = 64 output dims): ceil(rows / 64) * n_heads * ceil(head_dim / 64) workgroups. The block walks
@@ -52,6 +60,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> kc: array<u32>;
 @group(0) @binding(3) var<storage, read> vc: array<u32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read> blocks: array<vec4<u32>>;
 
 override KV_F16: bool = false;
 
@@ -70,6 +79,7 @@ const MASKED: f32 = -3.0e38;
 // sv: the row-sum partials (256 vec4); then the V rows of PK keys ([PK keys][16 vec4 of dims])
 var<workgroup> sa: array<vec4<f32>, 544>;
 var<workgroup> sv: array<vec4<f32>, 256>;
+var<private> ring_base: u32;  // slot of key position j: ring_base + j % p.cap
 
 fn k_at(i: u32) -> f32 {
     if (KV_F16) {
@@ -94,13 +104,13 @@ fn dims_ok(d: u32) -> vec4<bool> {
 
 // head dims d .. d+3 of the key at position j (0 past head_dim or outside lo..hi)
 fn k4(j: u32, lo: u32, hi: u32, kvh: u32, d: u32) -> vec4<f32> {
-    let i = (j % p.cap) * p.n_kv_heads * p.head_dim + kvh * p.head_dim + d;
+    let i = (ring_base + j % p.cap) * p.n_kv_heads * p.head_dim + kvh * p.head_dim + d;
     let v = vec4<f32>(k_at(i), k_at(i + 1u), k_at(i + 2u), k_at(i + 3u));
     return select(vec4<f32>(0.0), v, dims_ok(d) & vec4<bool>(j >= lo && j <= hi));
 }
 
 fn v4(j: u32, lo: u32, hi: u32, kvh: u32, d: u32) -> vec4<f32> {
-    let i = (j % p.cap) * p.n_kv_heads * p.head_dim + kvh * p.head_dim + d;
+    let i = (ring_base + j % p.cap) * p.n_kv_heads * p.head_dim + kvh * p.head_dim + d;
     let v = vec4<f32>(v_at(i), v_at(i + 1u), v_at(i + 2u), v_at(i + 3u));
     return select(vec4<f32>(0.0), v, dims_ok(d) & vec4<bool>(j >= lo && j <= hi));
 }
@@ -146,21 +156,40 @@ fn store_row(r0: u32, r: u32, nr: u32, h: u32, d: u32, v: vec4<f32>) {
 @compute @workgroup_size(256)
 fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) tid: u32) {
-    let hd = p.head_dim;
-    let n_slices = (hd + DV - 1u) / DV;
+    let n_slices = (p.head_dim + DV - 1u) / DV;
     let flat = wid.x + wid.y * nwg.x;
     let n_blocks = (p.rows + BR - 1u) / BR;
     if (flat >= n_blocks * p.n_heads * n_slices) {
         return;  // whole workgroup leaves together
     }
-    let slice = flat % n_slices;
-    let h = (flat / n_slices) % p.n_heads;
     let r0 = (flat / (n_slices * p.n_heads)) * BR;
+    ring_base = 0u;
+    attend(tid, flat % (n_slices * p.n_heads), r0, min(BR, p.rows - r0), p.pos0 + r0);
+}
+
+@compute @workgroup_size(256)
+fn attention_blocks(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) tid: u32) {
+    let n_slices = (p.head_dim + DV - 1u) / DV;
+    let flat = wid.x + wid.y * nwg.x;
+    if (flat >= arrayLength(&blocks) * p.n_heads * n_slices) {
+        return;
+    }
+    let b = blocks[flat / (n_slices * p.n_heads)];  // a uniform load: b.y, b.z bound the key walk
+    ring_base = b.w;
+    attend(tid, flat % (n_slices * p.n_heads), b.x, b.y, b.z);
+}
+
+// Head and output slice `hs` (h * n_slices + slice) of the query rows r0 .. r0 + nr - 1 (nr <= BR)
+// of q / out, at positions pos_first .. pos_first + nr - 1.
+fn attend(tid: u32, hs: u32, r0: u32, nr: u32, pos_first: u32) {
+    let hd = p.head_dim;
+    let n_slices = (hd + DV - 1u) / DV;
+    let slice = hs % n_slices;
+    let h = hs / n_slices;
     let kvh = h / (p.n_heads / p.n_kv_heads);
-    let nr = min(BR, p.rows - r0);
     let qrow0 = p.q_off + r0 * p.ldq + h * hd;
     // keys of the block: from the first row's window start to the last row's position
-    let pos_first = p.pos0 + r0;
     let hi = pos_first + nr - 1u;
     var lo = 0u;
     if (pos_first + 1u > p.window) {

@@ -15,6 +15,9 @@
 //   2  qkv     f32      [rows, ld] from element off
 //   3  kc      u32      [cap, n_kv*hd] f32 bits, or [cap, n_kv*hd/2] f16 pairs with KV_F16
 //   4  vc      u32      like kc
+//   5  slots   u32      [rows] rope_qkv_slots only (bind anything for rope_qkv): row r's k and v go to
+//                       ring slot slots[r] instead of (pos0 + r) % cap (the engine's encoder: many
+//                       streams' rows, each stream's ring in one pool)
 //
 // Work split: one invocation per (row, pair) over the q and k heads (n_heads + n_kv pairs of hd/2
 // each), the same invocation also copying v's two elements at that pair index when it lies in a k
@@ -36,6 +39,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> qkv: array<f32>;
 @group(0) @binding(3) var<storage, read_write> kc: array<u32>;
 @group(0) @binding(4) var<storage, read_write> vc: array<u32>;
+@group(0) @binding(5) var<storage, read> slots: array<u32>;
 
 override KV_F16: bool = false;
 const F16_MAX: f32 = 65504.0;
@@ -60,7 +64,15 @@ fn store_v(i: u32, a: f32, b: f32) {
 
 @compute @workgroup_size(256)
 fn rope_qkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let idx = gid.x + gid.y * nwg.x * 256u;
+    rotate(gid.x + gid.y * nwg.x * 256u, false);
+}
+
+@compute @workgroup_size(256)
+fn rope_qkv_slots(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    rotate(gid.x + gid.y * nwg.x * 256u, true);
+}
+
+fn rotate(idx: u32, slotted: bool) {
     let half_d = p.head_dim / 2u;
     let per_row = (p.n_heads + p.n_kv_heads) * half_d;
     if (idx >= p.rows * per_row) {
@@ -84,7 +96,11 @@ fn rope_qkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     } else {
         let kv_w = p.n_kv_heads * p.head_dim;
         let col = (h - p.n_heads) * p.head_dim + 2u * i;
-        let dst = ((p.pos0 + r) % p.cap) * kv_w + col;
+        var slot = (p.pos0 + r) % p.cap;
+        if (slotted) {
+            slot = slots[r];
+        }
+        let dst = slot * kv_w + col;
         store_k(dst, ra, rb);
         let v = e + kv_w;  // v sits kv_w columns after k in the row
         store_v(dst, qkv[v], qkv[v + 1u]);

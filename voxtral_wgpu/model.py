@@ -173,7 +173,10 @@ class Session:
     step whose audio embedding exists and returns the new token ids.
     """
 
-    def __init__(self, model: Model, n_delay: int, *, chunk_positions: int = MAX_CHUNK_POSITIONS):
+    def __init__(self, model: Model, n_delay: int, *, chunk_positions: int = MAX_CHUNK_POSITIONS,
+                 encoder: bool = True):
+        """``encoder=False``: no encoder buffers; someone else (the engine's batched encoder) turns this
+        session's mel into audio embeddings, ``chunk_positions`` at a time at most."""
         self.model = model
         # positions per encoder batch; results do not depend on it (every encoder op is batch-invariant)
         self.chunk_positions = int(chunk_positions)
@@ -188,7 +191,7 @@ class Session:
         if e.downsample_factor != ENC_FRAMES_PER_POSITION:
             raise ValueError(f"downsample_factor {e.downsample_factor} unsupported: the 12.5 Hz decoder clock "
                              f"needs {ENC_FRAMES_PER_POSITION} encoder frames per position")
-        self.enc = self._encoder_state()
+        self.enc = self._encoder_state() if encoder else None
         self.dec = self._decoder_state()
         self._mel_pending = np.zeros((0, e.num_mel_bins), np.float32)
         self._mel_context = np.zeros((CONV0_CONTEXT, e.num_mel_bins), np.float32)
@@ -294,7 +297,7 @@ class Session:
             self.done = True
             self._step_plan = None
             self._token_reads = []
-            fields = [v for st in (self.enc, self.dec) for v in vars(st).values()]
+            fields = [v for st in (self.enc, self.dec) if st is not None for v in vars(st).values()]
             self.gpu.release(*[b for v in fields for b in (v if isinstance(v, list) else [v])
                                if isinstance(b, wgpu.GPUBuffer)])
             self._released = True  # only now: a release interrupted half-way is done again by the next call

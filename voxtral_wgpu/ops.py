@@ -288,7 +288,18 @@ def rope_qkv(gpu: Gpu, table, qkv: Mat, k_cache, v_cache, *, n_heads: int, n_kv_
     k = gpu.kernel("rope_qkv", "rope_qkv", KV_F16=kv_f16)
     n = qkv.rows * (n_heads + n_kv_heads) * (head_dim // 2)
     gpu.dispatch(k, pack_params(qkv.rows, n_heads, n_kv_heads, head_dim, qkv.ld, qkv.off, pos0 % cap, cap),
-                 [table, qkv.buf, k_cache, v_cache], _flat_groups(n))
+                 [table, qkv.buf, k_cache, v_cache, table], _flat_groups(n))
+
+
+def rope_qkv_slots(gpu: Gpu, table, qkv: Mat, k_pool, v_pool, slots, *, n_heads: int, n_kv_heads: int,
+                   head_dim: int, kv_f16: bool = False) -> None:
+    """``rope_qkv`` for rows of many streams: row r's k and v go to slot ``slots[r]`` (u32 buffer) of
+    the pools (each stream's ring a range of their slots)."""
+    assert qkv.cols == (n_heads + 2 * n_kv_heads) * head_dim and head_dim % 2 == 0
+    k = gpu.kernel("rope_qkv", "rope_qkv_slots", KV_F16=kv_f16)
+    n = qkv.rows * (n_heads + n_kv_heads) * (head_dim // 2)
+    gpu.dispatch(k, pack_params(qkv.rows, n_heads, n_kv_heads, head_dim, qkv.ld, qkv.off, 0, 1),
+                 [table, qkv.buf, k_pool, v_pool, slots], _flat_groups(n))
 
 
 def rms_norm(gpu: Gpu, x: Mat, g, y: Mat, eps: float) -> None:
@@ -382,7 +393,20 @@ def attention(gpu: Gpu, q: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_k
                          out.ld, out.off, float(head_dim) ** -0.5)
     # attention.wgsl: a workgroup per (64 query rows, head, 64 output dims)
     groups = -(-q.rows // ATTENTION_ROWS) * n_heads * -(-head_dim // ATTENTION_DIMS)
-    gpu.dispatch(k, params, [q.buf, k_cache, v_cache, out.buf], groups_2d(groups))
+    gpu.dispatch(k, params, [q.buf, k_cache, v_cache, out.buf, q.buf], groups_2d(groups))
+
+
+def attention_blocks(gpu: Gpu, q: Mat, k_pool, v_pool, out: Mat, blocks, n_blocks: int, *, n_heads: int,
+                     n_kv_heads: int, head_dim: int, window: int, cap: int, kv_f16: bool = False) -> None:
+    """``attention`` for blocks of rows of many streams in one dispatch: ``blocks`` a u32 buffer of
+    ``n_blocks`` (first row, rows <= ATTENTION_ROWS, position of the first row, ring base slot) whose
+    keys sit at slots base + j % cap of the pools. Each row equals what ``attention`` gives it."""
+    assert head_dim <= 256 and n_heads % n_kv_heads == 0
+    k = gpu.kernel("attention", "attention_blocks", KV_F16=kv_f16)
+    params = pack_params(0, n_heads, n_kv_heads, head_dim, 0, window, cap, q.ld, q.off,
+                         out.ld, out.off, float(head_dim) ** -0.5)
+    groups = n_blocks * n_heads * -(-head_dim // ATTENTION_DIMS)
+    gpu.dispatch(k, params, [q.buf, k_pool, v_pool, out.buf, (blocks, 0, 16 * n_blocks)], groups_2d(groups))
 
 
 def decode_attention(gpu: Gpu, table, qkv: Mat, k_cache, v_cache, out: Mat, *, n_heads: int, n_kv_heads: int,

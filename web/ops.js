@@ -136,7 +136,7 @@ export function ropeQkv(gpu, table, qkv, kCache, vCache, { nHeads, nKvHeads, hea
   const k = gpu.kernel("rope_qkv", "rope_qkv", { KV_F16: kvF16 });
   const n = qkv.rows * (nHeads + nKvHeads) * (headDim / 2);
   gpu.dispatch(k, packParams(qkv.rows, nHeads, nKvHeads, headDim, qkv.ld, qkv.off, pos0 % cap, cap),
-    [table, qkv.buf, kCache, vCache], flatGroups(n));
+    [table, qkv.buf, kCache, vCache, table], flatGroups(n)); // binding 5: rope_qkv_slots only
 }
 
 /** Copy positions first .. first + count - 1 of a key / value ring pair (slot p % srcCap, rowBytes a
@@ -227,7 +227,7 @@ export function attention(gpu, q, kCache, vCache, out, { nHeads, nKvHeads, headD
   const params = packParams(q.rows, nHeads, nKvHeads, headDim, pos, window, cap, q.ld, q.off, out.ld, out.off, f(headDim ** -0.5));
   // attention.wgsl: a workgroup per (64 query rows, head, 64 output dims), as ops.py
   const groups = Math.ceil(q.rows / ATTENTION_ROWS) * nHeads * Math.ceil(headDim / ATTENTION_DIMS);
-  gpu.dispatch(k, params, [q.buf, kCache, vCache, out.buf], groups2d(groups));
+  gpu.dispatch(k, params, [q.buf, kCache, vCache, out.buf, q.buf], groups2d(groups)); // binding 5: attention_blocks only
 }
 
 /** ropeQkv + attention for one decode row in one split-K pass (ops.py's decode_attention): rotates q and

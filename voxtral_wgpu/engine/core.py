@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 
-from ..model import Session
+from ..model import MEL_FRAMES_PER_POSITION, Session
 
 STEPS_PER_TICK = 16  # decoder steps per tick at most, so newly arrived audio is encoded soon
 DEFAULT_MAX_STREAMS = 64
@@ -34,8 +34,9 @@ class EngineFullError(RuntimeError):
 class _Slot:
     """The scheduler's side of one stream: its session and what the stream asked for since the last tick."""
 
-    def __init__(self, session: Session):
+    def __init__(self, session: Session, index: int):
         self.session = session
+        self.index = index  # its place in the encoder's KV pools
         self.frames: list = []  # mel frame arrays fed, not yet pushed into the session
         self.total_positions: int | None = None  # set by finish(): the input ends there
         self.closing = False  # close(): drop the stream at the next tick
@@ -65,6 +66,7 @@ class Engine:
         if not isinstance(max_streams, int) or isinstance(max_streams, bool) or max_streams < 1:
             raise ValueError(f"max_streams must be a positive integer, not {max_streams!r}")
         from .batch import DecodeBatch
+        from .encoder import BatchEncoder
 
         self.model = model
         self.gpu = model.gpu
@@ -76,8 +78,10 @@ class Engine:
         self._error: BaseException | None = None
         self._wake = False
         self._stats = {"ticks": 0, "steps": 0, "rows": 0, "step_s": 0.0, "tick_s": 0.0, "encode_s": 0.0}
+        self._free = list(range(max_streams))  # places in the encoder's KV pools
         with self.gpu.exclusive():
             self._batch = DecodeBatch(model, max_streams)
+            self._encoder = BatchEncoder(model, max_streams)
         self._thread = threading.Thread(target=self._run, name="voxtral-engine", daemon=True)
         self._thread.start()
 
@@ -136,7 +140,8 @@ class Engine:
         ticks and the encoder (with prefills), GPU bytes this process holds, the batch buffers' bytes."""
         with self._lock:
             return {**self._stats, "streams": len(self._slots), "max_streams": self.max_streams,
-                    "gpu_bytes": self.gpu.bytes_allocated, "batch_bytes": self._batch.nbytes}
+                    "gpu_bytes": self.gpu.bytes_allocated, "batch_bytes": self._batch.nbytes,
+                    "encoder_bytes": self._encoder.nbytes, "encoder_bytes_per_stream": self._encoder.bytes_per_stream}
 
     def close(self) -> None:
         """End every open stream, stop the scheduler and free the engine's GPU buffers (idempotent)."""
@@ -165,12 +170,15 @@ class Engine:
                 raise EngineFullError(f"this engine serves at most {self.max_streams} streams at once (max_streams); "
                                       "finish or close one first, or create the engine with a larger max_streams")
             self._joining += 1
+            index = self._free.pop()
         try:
             with self.gpu.exclusive():
-                slot = _Slot(Session(self.model, n_delay))
+                slot = _Slot(Session(self.model, n_delay, chunk_positions=self._encoder.positions, encoder=False),
+                             index)
         except BaseException:
             with self._lock:
                 self._joining -= 1
+                self._free.append(index)
             raise
         with self._lock:
             self._joining -= 1
@@ -188,8 +196,9 @@ class Engine:
                 slot.frames.append(frames)
             if total_positions is not None:
                 slot.total_positions = total_positions
-            if close:
+            if close and not slot.closing:
                 slot.closing = True
+                self._free.append(slot.index)  # later ticks encode the stream no more
             self._wake = True
             self._lock.notify_all()
 
@@ -235,11 +244,19 @@ class Engine:
                     s.finished.set()
                     s.notify()
                 self._batch.release()
+                self._encoder.release()
 
     def _busy(self) -> bool:
-        """Work left without new input: runnable positions, or token copies still to take."""
-        return any(s.session._token_reads or (s.session.prefilled and not s.session.done and s.session.next_pos < _limit(s.session))
+        """Work left without new input: positions to encode, runnable positions, token copies to take."""
+        return any(not s.closing and not s.finished.is_set()
+                   and (s.session._token_reads or self._encodable(s.session) > 0
+                        or (s.session.prefilled and s.session.next_pos < _limit(s.session)))
                    for s in self._slots)
+
+    def _encodable(self, sess: Session) -> int:
+        """Positions of the session the next encoder pass takes: complete ones, while its ring has room."""
+        room = sess.dec.acap - (sess.positions_encoded - sess.next_pos)
+        return min(len(sess._mel_pending) // MEL_FRAMES_PER_POSITION, self._encoder.positions, room)
 
     def _tick(self, inputs) -> None:
         t0 = time.perf_counter()
@@ -257,9 +274,16 @@ class Engine:
                 sess.close(total)
             live.append(slot)
         t_enc = time.perf_counter()
+        items = []
         for slot in live:
             sess = slot.session
-            sess.encode_available()
+            n = self._encodable(sess)
+            if n > 0 and not sess.done:
+                items.append((slot.index, sess, n))
+        if items:
+            self._encoder.encode(items)
+        for slot in live:
+            sess = slot.session
             L = len(sess.prompt_ids)
             if not sess.prefilled and sess.positions_encoded >= L:
                 sess._decoder_rows(0, L - 1, head=False)  # prompt positions 0..L-2 fill the KV cache
@@ -276,8 +300,6 @@ class Engine:
             self._stats["step_s"] += time.perf_counter() - t
             self._stats["steps"] += 1
             self._stats["rows"] += len(rows)
-            for s in live:
-                s.session.encode_available()  # audio-ring room freed by the step
         self.gpu.flush()
         # ids of the previous tick (its copies ran before this tick's work), then this tick's copies
         for slot in live:
