@@ -154,7 +154,10 @@ def test_scheduler_failure_reaches_every_stream(model, monkeypatch):
     with Engine(model) as engine:
         streams = [engine.create_stream() for _ in range(3)]
         for s in streams:
-            s.feed(CLIPS["speech1.3"])
+            try:
+                s.feed(CLIPS["speech1.3"])
+            except EngineError as e:  # the scheduler may fail before the later feeds
+                assert "injected failure" in str(e)
         for s in streams:
             with pytest.raises(EngineError, match="injected failure"):
                 s.finish()
@@ -227,3 +230,51 @@ def test_engine_arguments(model):
     with Engine(model) as engine:
         with pytest.raises(ValueError):
             engine.create_stream(transcription_delay_ms=100)  # not a multiple of 80
+
+
+@pytest.mark.parametrize("kv_f16", [False, True], ids=["f32", "f16"])
+def test_attention_blocks_equal_per_stream_attention(gpu, kv_f16):
+    """rope_qkv_slots + attention_blocks over the rows of several streams (own positions, some past
+    one 64-row block, a huge position, each stream's ring in one pool) give every row the bits
+    rope_qkv + attention give it on that stream's own ring, over two chunks (history in the ring)."""
+    from voxtral_wgpu import ops
+    from voxtral_wgpu.ops import Mat
+
+    rng = np.random.default_rng(3 + kv_f16)
+    n_heads, n_kv, hd, window = 4, 2, 32, 70
+    width = (n_heads + 2 * n_kv) * hd
+    starts, chunks = [0, 37, 2**20 + 5], [(5, 3), (70, 1), (12, 66)]
+    cap = window + max(max(c) for c in chunks) - 1
+    kvw = n_kv * hd * (2 if kv_f16 else 4)
+    pool_k, pool_v = gpu.empty(len(starts) * cap * kvw), gpu.empty(len(starts) * cap * kvw)
+    solo_k = [gpu.empty(cap * kvw) for _ in starts]
+    solo_v = [gpu.empty(cap * kvw) for _ in starts]
+    heads = dict(n_heads=n_heads, n_kv_heads=n_kv, head_dim=hd)
+    for c in range(2):
+        rows = [ch[c] for ch in chunks]
+        pos0 = [s + (chunks[i][0] if c else 0) for i, s in enumerate(starts)]
+        data = [(rng.standard_normal((n, width)) * 2).astype(np.float32) for n in rows]
+        tables = [ops.rope_table(np.arange(p, p + n), hd, 1e6) for p, n in zip(pos0, rows)]
+        want = []
+        for i, (x, t) in enumerate(zip(data, tables)):
+            q, out, tb = gpu.upload(x), gpu.empty(4 * len(x) * n_heads * hd), gpu.upload(t)
+            ops.rope_qkv(gpu, tb, Mat.of(q, len(x), width), solo_k[i], solo_v[i], **heads, pos0=pos0[i], cap=cap,
+                         kv_f16=kv_f16)
+            ops.attention(gpu, Mat(q, len(x), n_heads * hd, width, 0), solo_k[i], solo_v[i],
+                          Mat.of(out, len(x), n_heads * hd), **heads, pos0=pos0[i], window=window, cap=cap,
+                          kv_f16=kv_f16)
+            want.append(gpu.read(out, np.float32, len(x) * n_heads * hd))
+        R, row, slots, blocks = sum(rows), 0, [], []
+        for i, (n, p) in enumerate(zip(rows, pos0)):
+            slots.append(i * cap + (p + np.arange(n)) % cap)
+            for r in range(0, n, ops.ATTENTION_ROWS):
+                blocks.append((row + r, min(ops.ATTENTION_ROWS, n - r), p + r, i * cap))
+            row += n
+        q, out = gpu.upload(np.concatenate(data)), gpu.empty(4 * R * n_heads * hd)
+        ops.rope_qkv_slots(gpu, gpu.upload(np.concatenate(tables)), Mat.of(q, R, width), pool_k, pool_v,
+                           gpu.upload(np.concatenate(slots).astype(np.uint32)), **heads, kv_f16=kv_f16)
+        ops.attention_blocks(gpu, Mat(q, R, n_heads * hd, width, 0), pool_k, pool_v, Mat.of(out, R, n_heads * hd),
+                             gpu.upload(np.asarray(blocks, np.uint32)), len(blocks), **heads, window=window, cap=cap,
+                             kv_f16=kv_f16)
+        got = gpu.read(out, np.float32, R * n_heads * hd)
+        assert got.view(np.uint32).tolist() == np.concatenate(want).view(np.uint32).tolist(), c
