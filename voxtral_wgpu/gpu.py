@@ -155,6 +155,31 @@ class PendingRead:
         return np.frombuffer(raw, np.uint8)[: self._count * self._dtype.itemsize].view(self._dtype).copy()
 
 
+class _SharedStaging:
+    """One mappable buffer holding several copies (:meth:`Gpu.read_later_many`), mapped once."""
+
+    def __init__(self, staging: wgpu.GPUBuffer):
+        self._staging, self._data = staging, None
+
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            self._staging.map_async("READ_NOSYNC").sync_wait()
+            self._data = np.frombuffer(self._staging.read_mapped(), np.uint8).copy()
+            self._staging.destroy()
+        return self._data
+
+
+class PendingSlice:
+    """One copy of a :meth:`Gpu.read_later_many`: ``result()`` as :class:`PendingRead`'s."""
+
+    def __init__(self, shared: _SharedStaging, offset: int, dtype, count: int):
+        self._shared, self._offset, self._dtype, self._count = shared, offset, np.dtype(dtype), count
+
+    def result(self) -> np.ndarray:
+        raw = self._shared.data()[self._offset:self._offset + self._count * self._dtype.itemsize]
+        return raw.view(self._dtype).copy()
+
+
 class GpuError(RuntimeError):
     pass
 
@@ -310,6 +335,24 @@ class Gpu:
         self.copy(buf, offset, staging, 0, padded)
         self.flush()
         return PendingRead(staging, dtype, count)
+
+    def read_later_many(self, parts: list, dtype=np.uint32) -> list:
+        """:meth:`read_later` of several buffers, ``parts`` = [(buffer, count)], through one staging
+        buffer and one submit (the engine's token rings: one readback a tick for every stream)."""
+        item = np.dtype(dtype).itemsize
+        offsets, total = [], 0
+        for _, count in parts:
+            offsets.append(total)
+            total += -(-count * item // 4) * 4
+        if not parts:
+            return []
+        staging = self.device.create_buffer(size=total, label="read-later-many",
+                                            usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        for (buf, count), off in zip(parts, offsets):
+            self.copy(buf, 0, staging, off, -(-count * item // 4) * 4)
+        self.flush()
+        shared = _SharedStaging(staging)
+        return [PendingSlice(shared, off, dtype, count) for (_, count), off in zip(parts, offsets)]
 
     def copy(self, src, src_offset: int, dst, dst_offset: int, nbytes: int) -> None:
         """Record a GPU-side copy (between dispatches, in order)."""

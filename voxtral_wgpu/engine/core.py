@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 
-from ..model import MEL_FRAMES_PER_POSITION, Session
+from ..model import MEL_FRAMES_PER_POSITION, TOKEN_RING, Session
 
 STEPS_PER_TICK = 16  # decoder steps per tick at most, so newly arrived audio is encoded soon
 DEFAULT_MAX_STREAMS = 64
@@ -301,7 +301,9 @@ class Engine:
             self._stats["steps"] += 1
             self._stats["rows"] += len(rows)
         self.gpu.flush()
-        # ids of the previous tick (its copies ran before this tick's work), then this tick's copies
+        # ids of the previous tick (its copies ran before this tick's work), then this tick's copies,
+        # all streams' through one readback
+        requests = []
         for slot in live:
             sess = slot.session
             while sess._token_reads:
@@ -311,9 +313,12 @@ class Engine:
                 sess._read_tokens()  # the last copies (waits for this tick's work)
                 sess.done = True
                 slot.finished.set()
-            elif sess.prefilled:
-                sess._request_tokens()  # positions decoded this tick, taken at the next one
+            elif sess.prefilled and sess.next_pos >= sess._tokens_requested_until():
+                requests.append(sess)  # positions decoded this tick, taken at the next one
             slot.notify()
+        reads = self.gpu.read_later_many([(sess.dec.tokens, TOKEN_RING) for sess in requests])
+        for sess, read in zip(requests, reads):
+            sess._token_reads.append((sess._tokens_requested_until(), sess.next_pos, read))
         self._stats["ticks"] += 1
         self._stats["tick_s"] += time.perf_counter() - t0
 
