@@ -460,18 +460,24 @@ def embed(gpu: Gpu, tokens, tok_off: int, audio, apos0: int, acap: int, table: D
 
 
 class Argmax:
-    """Greedy argmax over a logits vector into a GPU token log; owns its scratch buffers."""
+    """Greedy argmax over a logits vector into a GPU token log, with the chosen token's softmax
+    probability beside it in the same buffer; owns its scratch buffers."""
 
     def __init__(self, gpu: Gpu, n: int):
         self.n = n
         self.n_parts = -(-n // 1024)
         self.part_v = gpu.empty(4 * self.n_parts, "argmax.part_v")
         self.part_i = gpu.empty(4 * self.n_parts, "argmax.part_i")
+        self.part_s = gpu.empty(4 * self.n_parts, "argmax.part_s")
 
-    def __call__(self, gpu: Gpu, logits, tokens, out_index: int, logits_off: int = 0) -> None:
-        """``tokens[out_index] = argmax(logits[logits_off : logits_off + n])``."""
-        params = pack_params(self.n, self.n_parts, out_index, logits_off)
-        bufs = [logits, self.part_v, self.part_i, tokens]
+    def __call__(self, gpu: Gpu, logits, tokens, out_index: int, logits_off: int = 0, *,
+                 probs_off: int | None = None) -> None:
+        """``tokens[out_index] = argmax(x)`` for ``x = logits[logits_off : logits_off + n]``; with
+        ``probs_off``, also ``tokens[probs_off + out_index] = softmax(x)[argmax]`` as f32 bits (one
+        buffer, so one readback brings back both; the step replay patches only ``out_index``)."""
+        params = pack_params(self.n, self.n_parts, out_index, logits_off,
+                             0xFFFFFFFF if probs_off is None else probs_off)
+        bufs = [logits, self.part_v, self.part_i, tokens, self.part_s]
         step = ((2, "next_token_slot"),)
         gpu.dispatch(gpu.kernel("argmax", "partial"), params, bufs, (self.n_parts, 1), step=step)
         gpu.dispatch(gpu.kernel("argmax", "finish"), params, bufs, (1, 1), step=step)

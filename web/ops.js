@@ -258,17 +258,19 @@ export function embed(gpu, tokens, tokOff, audio, apos0, acap, table, out) {
   });
 }
 
-/** Greedy argmax over a logits vector into the GPU token log; owns its scratch buffers. */
+/** Greedy argmax over a logits vector into the GPU token log, with the chosen token's softmax
+ * probability (f32 bits) at tokens[probsOff + outIndex] unless probsOff is null; owns its scratch. */
 export class Argmax {
   constructor(gpu, n) {
     this.n = n;
     this.nParts = cdiv(n, 1024);
     this.partV = gpu.empty(4 * this.nParts, "argmax.part_v");
     this.partI = gpu.empty(4 * this.nParts, "argmax.part_i");
+    this.partS = gpu.empty(4 * this.nParts, "argmax.part_s");
   }
-  run(gpu, logits, tokens, outIndex) {
-    const params = packParams(this.n, this.nParts, outIndex);
-    const bufs = [logits, this.partV, this.partI, tokens];
+  run(gpu, logits, tokens, outIndex, { probsOff = null } = {}) {
+    const params = packParams(this.n, this.nParts, outIndex, 0, probsOff === null ? 0xffffffff : probsOff);
+    const bufs = [logits, this.partV, this.partI, tokens, this.partS];
     gpu.dispatch(gpu.kernel("argmax", "partial"), params, bufs, [this.nParts, 1]);
     gpu.dispatch(gpu.kernel("argmax", "finish"), params, bufs, [1, 1]);
   }
