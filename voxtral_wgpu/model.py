@@ -33,6 +33,10 @@ MAX_CHUNK_POSITIONS = 32  # default positions per encoder batch (128 encoder row
 # positions 0.369 s / 2.643 GiB, 96: 0.306 s / 2.675, 112: 0.292 s / 2.685, 128: 0.275 s / 2.695 GiB.
 OFFLINE_CHUNK_POSITIONS = 128
 TOKEN_RING = 4096  # token-id ring on the GPU (prompt + generated), read back every READBACK_STEPS
+# The ring's buffer holds the ids in its first TOKEN_RING words and each generated id's softmax
+# probability (f32 bits, written by the same argmax) in the next TOKEN_RING, so every readback of
+# the ring brings back both; a readback copies TOKEN_RING_WORDS words.
+TOKEN_RING_WORDS = 2 * TOKEN_RING
 READBACK_STEPS = 16  # ... each copy taken READBACK_STEPS steps after it was recorded, so no read drains the queue
 KV_CACHE_TYPES = ("f32", "f16")
 STEP_REPLAY = True  # decode steps replay the first step's recorded dispatches (Session._decode_step)
@@ -158,7 +162,8 @@ class _DecoderState:
     step_rope: object  # f32 [STEP_TABLE_RING, head_dim/2, 2]: decode step p's rotation in row p % STEP_TABLE_RING
     audio: object  # f32 [acap, 3072] audio-embedding ring
     acap: int
-    tokens: object  # u32 [TOKEN_RING] token id at decoder position p in slot p % TOKEN_RING
+    tokens: object  # u32 [TOKEN_RING_WORDS]: token id at decoder position p in slot p % TOKEN_RING, its
+    #                 softmax probability (f32 bits; generated ids only) in slot TOKEN_RING + p % TOKEN_RING
     k_cache: list  # per layer [cap, 1024], f32 or f16 (Model.kv_cache)
     v_cache: list
     cap: int
@@ -202,6 +207,7 @@ class Session:
         self.tokens_read_until = len(self.prompt_ids)  # first decoder position not yet read back
         self._token_reads: list = []  # (first, last, PendingRead): token-ring copies not yet taken
         self.generated: list[int] = []
+        self.generated_probs: list[float] = []  # softmax probability of each generated id, aligned with it
         self.done = False
         self.eos = False  # True when decoding stopped on EOS (not on the position limit)
         self.taps: dict | None = None  # set to {} to collect per-chunk stage outputs (parity tests, debugging)
@@ -242,7 +248,7 @@ class Session:
         acap = self.chunk_positions + R + 1
         max_cap = d.sliding_window + R - 1  # the prefill's R rows are written before they attend
         cap = min(max_cap, max(256, R))  # grows (doubling) up to max_cap as the session lengthens
-        tokens = g.empty(4 * TOKEN_RING, "dec.tokens")
+        tokens = g.empty(4 * TOKEN_RING_WORDS, "dec.tokens")
         g.write(tokens, np.asarray(self.prompt_ids, np.uint32))
         return _DecoderState(
             x=g.empty(f * R * d.dim, "dec.x"), xb=g.empty(f * R * d.dim, "dec.xb"),
@@ -445,7 +451,7 @@ class Session:
             # final norm folded into the tied LM head: logits = RMSNorm(x_last) * g @ E^T
             ops.linear(g, x.take(rows - 1, 1), w.tok_embeddings, Mat.of(st.logits, 1, d.vocab_size),
                        norm=w.norm, eps=d.norm_eps, scratch=Mat.of(st.z, 1, d.dim))
-            self.model.argmax(g, st.logits, st.tokens, (p0 + rows) % TOKEN_RING)
+            self.model.argmax(g, st.logits, st.tokens, (p0 + rows) % TOKEN_RING, probs_off=TOKEN_RING)
 
     def _decode_step(self, p: int) -> None:
         """One decoder step at position ``p``: the token at ``p + 1`` lands in the GPU token ring.
@@ -564,7 +570,8 @@ class Session:
         token at position p is the output of step p-1), taken later by ``_take_tokens``."""
         first = self._tokens_requested_until()
         if self.next_pos >= first:
-            self._token_reads.append((first, self.next_pos, self.gpu.read_later(self.dec.tokens, np.uint32, TOKEN_RING)))
+            read = self.gpu.read_later(self.dec.tokens, np.uint32, TOKEN_RING_WORDS)  # ids and probabilities
+            self._token_reads.append((first, self.next_pos, read))
 
     def _read_tokens(self) -> None:
         """Take the tokens of every position up to ``next_pos`` (waiting for the GPU); stop at EOS."""
@@ -577,12 +584,17 @@ class Session:
         ring = read.result()
         if self.done:
             return
-        ids = [int(ring[p % TOKEN_RING]) for p in range(first, last + 1)]
+        probs = ring[TOKEN_RING:].view(np.float32)  # the copy holds both halves (TOKEN_RING_WORDS)
+        slots = [p % TOKEN_RING for p in range(first, last + 1)]
         self.tokens_read_until = last + 1
         eos = self.model.tokenizer.eos_id
-        for t in ids:
+        for k in slots:
+            t = int(ring[k])
             if t == eos and self.stop_on_eos:
                 self.done = True
                 self.eos = True
                 break
+            # the probability first: a reader on another thread (an engine stream) that copies
+            # `generated` and then `generated_probs` finds a probability for every id it copied
+            self.generated_probs.append(float(probs[k]))
             self.generated.append(t)

@@ -81,5 +81,5 @@ class DecodeBatch:
                    scratch=Mat.of(self.z, n, d.dim), decode=True)
         for i, s in enumerate(sessions):
             self.model.argmax(g, self.logits, s.dec.tokens, (s.next_pos + 1) % TOKEN_RING,
-                              logits_off=i * d.vocab_size)
+                              logits_off=i * d.vocab_size, probs_off=TOKEN_RING)
             s.next_pos += 1

@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 
-from ..model import MEL_FRAMES_PER_POSITION, TOKEN_RING, Session
+from ..model import MEL_FRAMES_PER_POSITION, TOKEN_RING_WORDS, Session
 
 STEPS_PER_TICK = 16  # decoder steps per tick at most, so newly arrived audio is encoded soon
 DEFAULT_MAX_STREAMS = 64
@@ -316,7 +316,7 @@ class Engine:
             elif sess.prefilled and sess.next_pos >= sess._tokens_requested_until():
                 requests.append(sess)  # positions decoded this tick, taken at the next one
             slot.notify()
-        reads = self.gpu.read_later_many([(sess.dec.tokens, TOKEN_RING) for sess in requests])
+        reads = self.gpu.read_later_many([(sess.dec.tokens, TOKEN_RING_WORDS) for sess in requests])
         for sess, read in zip(requests, reads):
             sess._token_reads.append((sess._tokens_requested_until(), sess.next_pos, read))
         self._stats["ticks"] += 1
