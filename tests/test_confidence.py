@@ -9,10 +9,19 @@ kernel beside the index and read back with the token ring.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+from hf_reference import TINY_FULL, TINY_SW, speechlike_audio
+from test_model import TINY_ODD
+from test_stream import CLIPS, P, W, ids_of, tok, write_fast_model  # noqa: F401  (tok: a fixture)
+
+import voxtral_wgpu
 from voxtral_wgpu import ops
+from voxtral_wgpu.stream import timed_text
+from voxtral_wgpu.subtitles import render
 
 SCRATCH = 4 << 20  # bytes: room for 300000 logits
 LOG_LEN = 64  # token slots; the probability ring follows them (probs_off = LOG_LEN)
@@ -111,3 +120,114 @@ def test_without_probs_off_only_the_token_is_written(gpu, bufs):
     want = log0.copy()
     want[9] = np.argmax(x)
     assert np.array_equal(gpu.read(tokens, np.uint32, 2 * LOG_LEN), want)
+
+
+# ------------------------------------------------------------------------------ against HF
+def _softmax_at(logits: np.ndarray, ids) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return np.exp(z[np.arange(len(ids)), ids]) / np.exp(z).sum(axis=1)
+
+
+@pytest.mark.parametrize("spec,delay", [(TINY_SW, 480), (TINY_ODD, 160), (TINY_FULL, 1040)],
+                         ids=["sw-480", "odd-160", "full-1040"])
+def test_probabilities_match_hf_logits(tiny_model, spec, delay):
+    """Each generated id's probability equals softmax(HF's logits)[id] under teacher forcing with our
+    ids (so a near-tie that flips an id still compares like with like): log-probabilities within
+    2e-4 (the logits agree to ~1e-4 of their range, test_model.py; on lavapipe both agree to 3e-6).
+    Random tiny models spread their mass thinly (p ~ 0.01), so these probabilities need the whole
+    vocabulary's sum to be right, not just the winner's logit."""
+    model, ref = tiny_model(spec, delay)
+    audio = speechlike_audio(2.7, seed=5)
+    tr = model.transcribe(audio, transcription_delay_ms=delay)
+    ids = tr.token_ids
+    assert len(tr.token_probs) == len(ids) > 10
+    prompt = ref.prompt_ids()
+    mel = ref.mel(ref.pad(audio))
+    hf = ref.logits(prompt + ids, mel)[len(prompt) - 1: len(prompt) - 1 + len(ids)]
+    want = _softmax_at(hf, ids)
+    got = np.asarray(tr.token_probs, np.float64)
+    assert np.abs(np.log(got) - np.log(want)).max() < 2e-4  # lavapipe: 3e-6
+    assert want.max() > 1.5 * want.min()  # the probabilities differ from step to step: the check has teeth
+
+
+# ------------------------------------------------------------------------------ words, segments, JSON
+def test_word_probability_and_segment_avg_logprob(tok):
+    """A word's probability is the mean of its text tokens' probabilities (not its marker's, nor the
+    pads'); a segment's avg_logprob the mean log-probability of its words' text tokens."""
+    ids = [P, W] + ids_of("Hi") + [P] + ids_of(" you.") + [P] * 30 + ids_of(" Ok") + [P, P]
+    probs = [0.5 + 0.01 * i for i in range(len(ids))]
+    words, segs = timed_text(tok, ids, token_probs=probs)
+    hi, you, ok = [2, 3], list(range(5, 10)), list(range(40, 43))
+    assert [w.text for w in words] == ["Hi", "you.", "Ok"]
+    for w, idx in zip(words, (hi, you, ok)):
+        assert w.probability == pytest.approx(np.mean([probs[i] for i in idx]))
+    assert [s.text for s in segs] == ["Hi you.", "Ok"]
+    assert segs[0].avg_logprob == pytest.approx(np.mean(np.log([probs[i] for i in hi + you])))
+    assert segs[1].avg_logprob == pytest.approx(np.mean(np.log([probs[i] for i in ok])))
+    # without probabilities (a hand-made transcript): unknown, not invented
+    words, segs = timed_text(tok, ids)
+    assert all(w.probability is None for w in words) and all(s.avg_logprob is None for s in segs)
+
+
+@pytest.fixture(scope="module")
+def fast_model(gpu, tmp_path_factory):
+    return voxtral_wgpu.load(write_fast_model(tmp_path_factory.mktemp("conf_model")), gpu=gpu, progress=False)
+
+
+def test_transcription_and_json_output(fast_model, tmp_path, monkeypatch):
+    """transcribe() fills token_probs, Word.probability and Segment.avg_logprob; the CLI's JSON
+    output carries them (rounded to 6 decimals)."""
+    import soundfile as sf
+
+    from voxtral_wgpu import cli
+
+    audio = CLIPS["speech1.3"]
+    tr = fast_model.transcribe(audio)
+    assert len(tr.token_probs) == len(tr.token_ids) and tr.words and tr.segments
+    assert all(0.0 < p <= 1.0 for p in tr.token_probs)
+    assert all(w.probability is not None for w in tr.words)
+    assert all(s.avg_logprob is not None and s.avg_logprob <= 0.0 for s in tr.segments)
+    d = json.loads(render(tr, "json"))
+    assert d["token_probs"] == pytest.approx(tr.token_probs, abs=1e-6)
+    assert [s["avg_logprob"] for s in d["segments"]] == pytest.approx([s.avg_logprob for s in tr.segments], abs=1e-6)
+    assert [w["probability"] for s in d["segments"] for w in s["words"]] == pytest.approx(
+        [w.probability for w in tr.words], abs=1e-6)
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, audio, 16000, subtype="FLOAT")
+    out = tmp_path / "out"
+    monkeypatch.setattr(cli, "load_model", lambda args: fast_model)  # the loaded one, not a second load
+    assert cli.main(["transcribe", str(wav), "-f", "json", "-o", str(out), "--no-progress"]) == 0
+    doc = json.loads((out / "a.json").read_text())
+    assert doc["token_ids"] == tr.token_ids
+    assert doc["token_probs"] == pytest.approx(tr.token_probs, abs=1e-6)
+    assert all("probability" in w for s in doc["segments"] for w in s["words"])
+
+
+def test_stream_and_engine_stream_probabilities_equal_transcribe(fast_model):
+    """A Stream and an engine stream (batched decode, one readback per tick) carry the same
+    probabilities as transcribe(), bit for bit, like their ids."""
+    from voxtral_wgpu.engine import Engine
+
+    audio = CLIPS["speech1.3"]
+    tr = fast_model.transcribe(audio)
+    s = fast_model.create_stream()
+    for i in range(0, len(audio), 3000):
+        s.feed(audio[i:i + 3000])
+    s.finish()
+    assert s.result().token_probs == tr.token_probs
+    with Engine(fast_model, max_streams=4) as engine:
+        streams = [engine.create_stream() for _ in range(2)]
+        for i in range(0, len(audio), 2500):
+            for st in streams:
+                st.feed(audio[i:i + 2500])
+        results = []
+        for st in streams:
+            st.finish()
+            results.append(st.result())
+    for r in results:
+        assert r.token_ids == tr.token_ids
+        assert r.token_probs == tr.token_probs
+        assert [w.probability for w in r.words] == [w.probability for w in tr.words]
+        assert [s.avg_logprob for s in r.segments] == [s.avg_logprob for s in tr.segments]

@@ -590,7 +590,8 @@ def test_json_and_txt(tok, tmp_path):
 
 def test_offline_transcription_has_timed_words(model):
     tr, _ = offline(model, "speech1.3", 480)
-    assert tr.words == words_from_tokens(model.tokenizer, tr.token_ids, duration_s=tr.duration_s)
+    assert tr.words == words_from_tokens(model.tokenizer, tr.token_ids, duration_s=tr.duration_s,
+                                         token_probs=tr.token_probs)
     for w in tr.words:
         assert 0 <= w.start <= w.end <= tr.duration_s
     assert " ".join(s.text for s in tr.segments).split() == " ".join(w.text for w in tr.words).split()

@@ -32,6 +32,9 @@ class Transcription:
     ``words`` / ``segments``: timed :class:`~voxtral_wgpu.stream.Word` and
     :class:`~voxtral_wgpu.stream.Segment` lists from the decoder's frame clock (generated token i
     speaks of input audio [0.08 i, 0.08 (i + 1)) s; see ``voxtral_wgpu.stream``).
+    ``token_probs``: the softmax probability of each id in ``token_ids`` (aligned with it) under the
+    logits it was chosen from, computed on the GPU beside the argmax; words' ``probability`` and
+    segments' ``avg_logprob`` come from it.
     """
 
     text: str
@@ -41,6 +44,7 @@ class Transcription:
     timings: dict = field(default_factory=dict)
     words: list = field(default_factory=list)  # list[stream.Word]
     segments: list = field(default_factory=list)  # list[stream.Segment]
+    token_probs: list = field(default_factory=list)  # list[float], aligned with token_ids
 
 
 class Model(_GraphModel):
@@ -109,13 +113,14 @@ class Model(_GraphModel):
             if bar is not None:
                 bar.close()
         t_end = time.perf_counter()
-        ids = session.generated
-        words, segments = timed_text(self.tokenizer, ids, duration_s=len(samples) / audio_mod.SAMPLE_RATE)
+        ids, probs = session.generated, session.generated_probs
+        words, segments = timed_text(self.tokenizer, ids, duration_s=len(samples) / audio_mod.SAMPLE_RATE,
+                                     token_probs=probs)
         return Transcription(
             text=self.tokenizer.decode(ids).strip(), token_ids=list(ids),
             duration_s=len(samples) / audio_mod.SAMPLE_RATE, transcription_delay_ms=delay_ms,
             timings={"mel_s": mel_s, "model_s": t_end - t0 - mel_s, "steps": steps},
-            words=words, segments=segments,
+            words=words, segments=segments, token_probs=list(probs),
         )
 
     # streaming entry points (voxtral_wgpu/stream.py)

@@ -32,6 +32,7 @@ one slot plus whatever the model's delay habit is; it is not a forced alignment.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 import weakref
 from contextlib import contextmanager
@@ -81,23 +82,29 @@ class Word:
     A token starts a word when its bytes begin with whitespace, when it is the first text token
     after a ``[STREAMING_WORD]`` marker, or when it is the first text token of the transcript.
     ``start`` is the slot of the marker (if the word has one) or of its first text token; ``end``
-    the end of its last text token's slot."""
+    the end of its last text token's slot. ``probability``: the mean of its text tokens' softmax
+    probabilities (faster-whisper's ``Word.probability`` convention; the marker is not a text token);
+    None when the probabilities are unknown."""
 
     text: str
     start: float
     end: float
+    probability: float | None = None
 
 
 @dataclass(frozen=True)
 class Segment:
     """A run of words for display (a subtitle cue): split after sentence-final punctuation, at a
     pause of ``SEGMENT_GAP_S`` or more, and before it would pass ``SEGMENT_MAX_CHARS`` characters
-    or ``SEGMENT_MAX_S`` seconds."""
+    or ``SEGMENT_MAX_S`` seconds. ``avg_logprob``: the mean natural-log probability of its words'
+    text tokens (as openai-whisper / faster-whisper report it, without their length penalty); None
+    when the probabilities are unknown."""
 
     text: str
     start: float
     end: float
     words: tuple[Word, ...] = ()
+    avg_logprob: float | None = None
 
 
 def token_time(index: int, duration_s: float | None = None, offset_s: float = 0.0) -> tuple[float, float]:
@@ -109,9 +116,15 @@ def token_time(index: int, duration_s: float | None = None, offset_s: float = 0.
     return offset_s + start, offset_s + end
 
 
-def words_from_tokens(tokenizer, token_ids, *, duration_s: float | None = None, offset_s: float = 0.0
-                      ) -> list[Word]:
-    """Split generated ids (``Transcription.token_ids`` convention) into timed :class:`Word` s."""
+def words_from_tokens(tokenizer, token_ids, *, duration_s: float | None = None, offset_s: float = 0.0,
+                      token_probs=None) -> list[Word]:
+    """Split generated ids (``Transcription.token_ids`` convention) into timed :class:`Word` s;
+    ``token_probs`` (aligned with ``token_ids``) gives each word its ``probability``."""
+    return [w for w, _ in _words_with_tokens(tokenizer, token_ids, duration_s, offset_s, token_probs)]
+
+
+def _words_with_tokens(tokenizer, token_ids, duration_s, offset_s, token_probs) -> list[tuple[Word, list[int]]]:
+    """(word, indices of its text tokens in ``token_ids``) pairs: see :func:`words_from_tokens`."""
     word_id = tokenizer.streaming_word_id
     ns = tokenizer.num_special
     groups: list[tuple[int, list[int]]] = []  # (start index, text ids)
@@ -134,7 +147,8 @@ def words_from_tokens(tokenizer, token_ids, *, duration_s: float | None = None, 
         if text:
             start = token_time(first, duration_s, offset_s)[0]
             end = token_time(idx[-1], duration_s, offset_s)[1]
-            words.append(Word(text, start, end))
+            prob = None if token_probs is None else float(np.mean([token_probs[i] for i in idx]))
+            words.append((Word(text, start, end, prob), idx))
     return words
 
 
@@ -160,11 +174,22 @@ def segments_from_words(words: list[Word]) -> list[Segment]:
     return segments
 
 
-def timed_text(tokenizer, token_ids, *, duration_s: float | None = None, offset_s: float = 0.0
-               ) -> tuple[list[Word], list[Segment]]:
-    """``(words, segments)`` of a transcript; used by offline ``transcribe`` and by streams."""
-    words = words_from_tokens(tokenizer, token_ids, duration_s=duration_s, offset_s=offset_s)
-    return words, segments_from_words(words)
+def timed_text(tokenizer, token_ids, *, duration_s: float | None = None, offset_s: float = 0.0,
+               token_probs=None) -> tuple[list[Word], list[Segment]]:
+    """``(words, segments)`` of a transcript; used by offline ``transcribe`` and by streams.
+    ``token_probs`` (aligned with ``token_ids``): each word's ``probability`` and each segment's
+    ``avg_logprob`` (see :class:`Word`, :class:`Segment`)."""
+    pairs = _words_with_tokens(tokenizer, token_ids, duration_s, offset_s, token_probs)
+    words = [w for w, _ in pairs]
+    segments = segments_from_words(words)
+    if token_probs is not None:
+        k = 0  # segments hold consecutive runs of the words, in order
+        for j, seg in enumerate(segments):
+            idx = [i for _, ix in pairs[k: k + len(seg.words)] for i in ix]
+            k += len(seg.words)
+            # a probability is >= 1/vocab (the winner's own softmax term is 1), so the log is finite
+            segments[j] = dataclasses.replace(seg, avg_logprob=float(np.mean(np.log([token_probs[i] for i in idx]))))
+    return words, segments
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,13 +400,14 @@ class Stream:
         from .api import Transcription
 
         ids = self.token_ids
+        probs = self._session.generated_probs[: len(ids)]
         duration = self.duration_s if self._finished else None
-        words, segments = timed_text(self.tokenizer, ids, duration_s=duration)
+        words, segments = timed_text(self.tokenizer, ids, duration_s=duration, token_probs=probs)
         return Transcription(text=self.text, token_ids=ids, duration_s=self.duration_s,
                              transcription_delay_ms=self.transcription_delay_ms,
                              timings={"latency_median_s": _quantile(self.latencies, 0.5),
                                       "latency_p90_s": _quantile(self.latencies, 0.9)},
-                             words=words, segments=segments)
+                             words=words, segments=segments, token_probs=probs)
 
     def __repr__(self) -> str:
         return (f"Stream(delay={self.transcription_delay_ms} ms, fed={self.duration_s:.2f} s, "

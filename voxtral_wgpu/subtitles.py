@@ -75,20 +75,37 @@ def _vtt_escape(text: str) -> str:
 
 
 def to_json_dict(transcription) -> dict:
-    """``{"text", "duration_s", "transcription_delay_ms", "segments": [{"start", "end", "text",
-    "words": [{"word", "start", "end"}]}], "token_ids"}``; times in seconds, rounded to ms."""
+    """``{"text", "duration_s", "transcription_delay_ms", "segments": [{"id", "start", "end", "text",
+    "avg_logprob", "words": [{"word", "start", "end", "probability"}]}], "token_ids", "token_probs"}``;
+    times in seconds, rounded to ms. The confidences (faster-whisper's names: a word's mean token
+    probability, a segment's mean token log-probability) appear when the transcription has them."""
     r = lambda t: round(float(t), 3)  # noqa: E731
-    return {
+    q = lambda x: round(float(x), 6)  # noqa: E731  (confidences: 6 decimals are plenty to read)
+
+    def word(w) -> dict:
+        d = {"word": w.text, "start": r(w.start), "end": r(w.end)}
+        if getattr(w, "probability", None) is not None:
+            d["probability"] = q(w.probability)
+        return d
+
+    def segment(i, s) -> dict:
+        d = {"id": i, "start": r(s.start), "end": r(s.end), "text": s.text}
+        if getattr(s, "avg_logprob", None) is not None:
+            d["avg_logprob"] = q(s.avg_logprob)
+        d["words"] = [word(w) for w in s.words]
+        return d
+
+    out = {
         "text": transcription.text,
         "duration_s": r(transcription.duration_s),
         "transcription_delay_ms": int(transcription.transcription_delay_ms),
-        "segments": [
-            {"id": i, "start": r(s.start), "end": r(s.end), "text": s.text,
-             "words": [{"word": w.text, "start": r(w.start), "end": r(w.end)} for w in s.words]}
-            for i, s in enumerate(transcription.segments)
-        ],
+        "segments": [segment(i, s) for i, s in enumerate(transcription.segments)],
         "token_ids": list(map(int, transcription.token_ids)),
     }
+    probs = getattr(transcription, "token_probs", None)
+    if probs is not None and len(probs) == len(out["token_ids"]):  # (a hand-made one may have none)
+        out["token_probs"] = [q(x) for x in probs]
+    return out
 
 
 def to_json(transcription) -> str:

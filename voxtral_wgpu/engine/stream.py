@@ -140,12 +140,15 @@ class EngineStream:
         from ..stream import _quantile
 
         ids = self.token_ids
-        words, segments = timed_text(self.tokenizer, ids, duration_s=self.duration_s if self._finished else None)
+        # copied after the ids: the engine thread appends an id's probability before the id
+        probs = self._slot.session.generated_probs[: len(ids)]
+        words, segments = timed_text(self.tokenizer, ids, duration_s=self.duration_s if self._finished else None,
+                                     token_probs=probs)
         return Transcription(text=self.text, token_ids=ids, duration_s=self.duration_s,
                              transcription_delay_ms=self.transcription_delay_ms,
                              timings={"latency_median_s": _quantile(self.latencies, 0.5),
                                       "latency_p90_s": _quantile(self.latencies, 0.9)},
-                             words=words, segments=segments)
+                             words=words, segments=segments, token_probs=probs)
 
     # asyncio forms
     async def afeed(self, samples) -> list[TextDelta]:
