@@ -226,6 +226,7 @@ class Gpu:
         self._pending_buffers: set[int] = set()
         self._last_pipeline = None
         self._capturing: list | None = None
+        self.step_suffix = ""  # appended to the step value names of dispatches captured meanwhile
         self._scratch: wgpu.GPUBuffer | None = None
         self._offset_cell = _ffi.new("uint32_t[1]") if _ffi is not None else None
         # One caller records at a time: the encoder, pass, arena and pending set are shared by every
@@ -427,6 +428,9 @@ class Gpu:
         if gx > MAX_GROUPS_PER_DIM or gy > MAX_GROUPS_PER_DIM or gz > MAX_GROUPS_PER_DIM:
             raise GpuError(f"{kernel.name}: dispatch {groups} exceeds {MAX_GROUPS_PER_DIM} workgroups per dimension")
         if self._capturing is not None:
+            if self.step_suffix:  # one plan, several rows with values of their own (the engine's step)
+                step = tuple((field, name + self.step_suffix) for field, name in step)
+                step_groups = step_groups + self.step_suffix if step_groups is not None else None
             self._capturing.append((kernel, params, self._bind_group(kernel, buffers), (gx, gy, gz), step,
                                     step_groups, buffers))
         if gx == 0 or gy == 0 or gz == 0:

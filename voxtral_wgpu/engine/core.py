@@ -237,6 +237,7 @@ class Engine:
                 slots, self._slots = self._slots, []
                 self._closed = True
             with self.gpu.exclusive():
+                self._batch.forget()
                 for s in slots:
                     if s.error is None and not s.finished.is_set():
                         s.error = EngineError("the engine was closed before this stream finished")
@@ -326,6 +327,7 @@ class Engine:
         with self._lock:
             if slot in self._slots:
                 self._slots.remove(slot)
+        self._batch.forget()  # the recorded step binds the session's buffers
         slot.session.release()
         slot.finished.set()
 
