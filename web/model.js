@@ -10,6 +10,9 @@ export const CONV0_CONTEXT = 3;
 export const MAX_CHUNK_POSITIONS = 32;
 export const OFFLINE_CHUNK_POSITIONS = 128;
 export const TOKEN_RING = 4096;
+// as model.py: the ring's buffer holds the ids, then each generated id's probability (f32 bits), so
+// one readback brings back both
+export const TOKEN_RING_WORDS = 2 * TOKEN_RING;
 export const READBACK_STEPS = 16;
 export const SAMPLES_PER_TOKEN = 1280;
 export const N_MELS = 128;
@@ -242,6 +245,7 @@ export class Session {
     this.totalPositions = null;
     this.tokensReadUntil = this.promptIds.length;
     this.generated = [];
+    this.generatedProbs = []; // softmax probability of each generated id, aligned with it
     this.done = false;
     this.eos = false;
     this.stopOnEos = true;
@@ -277,7 +281,7 @@ export class Session {
     const acap = this.chunkPositions + R + 1;
     const maxCap = d.sliding_window + R - 1;
     const cap = Math.min(maxCap, Math.max(256, R));
-    const tokens = g.empty(4 * TOKEN_RING, "dec.tokens");
+    const tokens = g.empty(4 * TOKEN_RING_WORDS, "dec.tokens");
     g.write(tokens, new Uint32Array(this.promptIds));
     return {
       x: g.empty(f * R * d.dim, "dec.x"), xb: g.empty(f * R * d.dim, "dec.xb"),
@@ -434,7 +438,7 @@ export class Session {
     });
     if (head) {
       ops.linear(g, x.take(rows - 1, 1), w.tokEmbeddings, Mat.of(st.logits, 1, d.vocab_size), { norm: w.norm, eps: d.norm_eps, scratch: Mat.of(st.z, 1, d.dim) });
-      this.model.argmax.run(g, st.logits, st.tokens, (p0 + rows) % TOKEN_RING);
+      this.model.argmax.run(g, st.logits, st.tokens, (p0 + rows) % TOKEN_RING, { probsOff: TOKEN_RING });
     }
   }
 
@@ -468,12 +472,14 @@ export class Session {
   async _readTokens() {
     const first = this.tokensReadUntil, last = this.nextPos;
     if (last < first || this.done) return;
-    const ring = await this.gpu.read(this.dec.tokens, Uint32Array, TOKEN_RING);
+    const ring = await this.gpu.read(this.dec.tokens, Uint32Array, TOKEN_RING_WORDS);
+    const probs = new Float32Array(ring.buffer, ring.byteOffset + 4 * TOKEN_RING, TOKEN_RING);
     this.tokensReadUntil = last + 1;
     const eos = this.model.tokenizer.eosId;
     for (let p = first; p <= last; p++) {
       const t = ring[p % TOKEN_RING];
       if (t === eos && this.stopOnEos) { this.done = true; this.eos = true; break; }
+      this.generatedProbs.push(probs[p % TOKEN_RING]);
       this.generated.push(t);
     }
   }

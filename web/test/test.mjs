@@ -107,6 +107,7 @@ try {
   if (s) {
     await s.decode();
     out.ids = s.generated;
+    out.probs = Array.from(s.generatedProbs);
     out.text = tok.decode(s.generated);
     out.steps = s.nextPos - s.promptIds.length + 1;
     out.decode_s = (performance.now() - t1) / 1000;
