@@ -237,7 +237,49 @@ def _release_abandoned(gpu, session) -> None:
     gpu.run_soon(session.release)
 
 
-class Stream:
+class TranscriptView:
+    """What a stream shows of its transcript (``Stream`` and the engine's ``EngineStream``): the
+    subclass provides ``_session`` (a model.Session), ``_text`` (TextAssembler), ``_n_samples``,
+    ``_finished``, ``tokenizer``, ``transcription_delay_ms`` and ``latencies``."""
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._session.generated)
+
+    @property
+    def text(self) -> str:
+        return self._text.text
+
+    @property
+    def duration_s(self) -> float:
+        return self._n_samples / audio_mod.SAMPLE_RATE
+
+    @property
+    def eos(self) -> bool:
+        return self._session.eos
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def result(self):
+        """The :class:`~voxtral_wgpu.api.Transcription` of everything decoded so far (complete after
+        ``finish()``)."""
+        from .api import Transcription
+
+        ids = self.token_ids
+        # taken after the ids: a decoding thread appends an id's probability before the id
+        probs = self._session.generated_probs[: len(ids)]
+        duration = self.duration_s if self._finished else None
+        words, segments = timed_text(self.tokenizer, ids, duration_s=duration, token_probs=probs)
+        return Transcription(text=self.text, token_ids=ids, duration_s=self.duration_s,
+                             transcription_delay_ms=self.transcription_delay_ms,
+                             timings={"latency_median_s": _quantile(self.latencies, 0.5),
+                                      "latency_p90_s": _quantile(self.latencies, 0.9)},
+                             words=words, segments=segments, token_probs=probs)
+
+
+class Stream(TranscriptView):
     """An open transcription of 16 kHz mono audio that arrives in pieces. Create with
     ``Model.create_stream``.
 
@@ -293,26 +335,6 @@ class Stream:
             self._push(self._mel.feed(np.zeros(self.n_left_pad * audio_mod.SAMPLES_PER_TOKEN, np.float32)))
 
     # -------------------------------------------------------------------- public
-    @property
-    def token_ids(self) -> list[int]:
-        return list(self._session.generated)
-
-    @property
-    def text(self) -> str:
-        return self._text.text
-
-    @property
-    def duration_s(self) -> float:
-        return self._n_samples / audio_mod.SAMPLE_RATE
-
-    @property
-    def eos(self) -> bool:
-        return self._session.eos
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
     def feed(self, samples) -> list[TextDelta]:
         """Append audio (1-D, 16 kHz; float in [-1, 1] or integer PCM, see :func:`as_chunk`); decode
         every position it completes; return the new text. A rejected chunk (ValueError/TypeError)
@@ -393,21 +415,6 @@ class Stream:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def result(self):
-        """The :class:`~voxtral_wgpu.api.Transcription` of everything decoded so far (complete after
-        ``finish()``)."""
-        from .api import Transcription
-
-        ids = self.token_ids
-        probs = self._session.generated_probs[: len(ids)]
-        duration = self.duration_s if self._finished else None
-        words, segments = timed_text(self.tokenizer, ids, duration_s=duration, token_probs=probs)
-        return Transcription(text=self.text, token_ids=ids, duration_s=self.duration_s,
-                             transcription_delay_ms=self.transcription_delay_ms,
-                             timings={"latency_median_s": _quantile(self.latencies, 0.5),
-                                      "latency_p90_s": _quantile(self.latencies, 0.9)},
-                             words=words, segments=segments, token_probs=probs)
 
     def __repr__(self) -> str:
         return (f"Stream(delay={self.transcription_delay_ms} ms, fed={self.duration_s:.2f} s, "

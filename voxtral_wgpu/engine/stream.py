@@ -18,11 +18,12 @@ import weakref
 import numpy as np
 
 from .. import audio as audio_mod
-from ..stream import LOOK_AHEAD_SAMPLES, StreamClosedError, TextAssembler, TextDelta, as_chunk, timed_text, token_time
+from ..stream import (LOOK_AHEAD_SAMPLES, StreamClosedError, TextAssembler, TextDelta, TranscriptView, as_chunk,
+                      token_time)
 from .core import EngineError, _finalize_slot
 
 
-class EngineStream:
+class EngineStream(TranscriptView):
     """One live transcription inside an engine. Create with ``Engine.create_stream``.
 
     ``token_ids``, ``text``, ``latencies`` (seconds from the arrival of the audio that completed a
@@ -60,24 +61,8 @@ class EngineStream:
 
     # ------------------------------------------------------------------ public
     @property
-    def token_ids(self) -> list[int]:
-        return list(self._slot.session.generated)
-
-    @property
-    def text(self) -> str:
-        return self._text.text
-
-    @property
-    def duration_s(self) -> float:
-        return self._n_samples / audio_mod.SAMPLE_RATE
-
-    @property
-    def eos(self) -> bool:
-        return self._slot.session.eos
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
+    def _session(self):
+        return self._slot.session
 
     def feed(self, samples) -> list[TextDelta]:
         """Queue audio (as ``Stream.feed``) and return the text that is ready now (never waits for the GPU)."""
@@ -133,22 +118,6 @@ class EngineStream:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def result(self):
-        """The ``Transcription`` of everything decoded so far (complete after ``finish()``)."""
-        from ..api import Transcription
-        from ..stream import _quantile
-
-        ids = self.token_ids
-        # copied after the ids: the engine thread appends an id's probability before the id
-        probs = self._slot.session.generated_probs[: len(ids)]
-        words, segments = timed_text(self.tokenizer, ids, duration_s=self.duration_s if self._finished else None,
-                                     token_probs=probs)
-        return Transcription(text=self.text, token_ids=ids, duration_s=self.duration_s,
-                             transcription_delay_ms=self.transcription_delay_ms,
-                             timings={"latency_median_s": _quantile(self.latencies, 0.5),
-                                      "latency_p90_s": _quantile(self.latencies, 0.9)},
-                             words=words, segments=segments, token_probs=probs)
 
     # asyncio forms
     async def afeed(self, samples) -> list[TextDelta]:
