@@ -63,6 +63,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read> blocks: array<vec4<u32>>;
 
 override KV_F16: bool = false;
+override BLOCKS: bool = false;  // true for attention_blocks (keys at ring_base + j % cap): `attention` compiles without it
 
 const BR: u32 = 64u;  // query rows per workgroup
 const BK: u32 = 64u;  // keys per tile
@@ -79,7 +80,7 @@ const MASKED: f32 = -3.0e38;
 // sv: the row-sum partials (256 vec4); then the V rows of PK keys ([PK keys][16 vec4 of dims])
 var<workgroup> sa: array<vec4<f32>, 544>;
 var<workgroup> sv: array<vec4<f32>, 256>;
-var<private> ring_base: u32;  // slot of key position j: ring_base + j % p.cap
+var<private> ring_base: u32;  // attention_blocks: slot of key position j is ring_base + j % p.cap
 
 fn k_at(i: u32) -> f32 {
     if (KV_F16) {
@@ -104,13 +105,21 @@ fn dims_ok(d: u32) -> vec4<bool> {
 
 // head dims d .. d+3 of the key at position j (0 past head_dim or outside lo..hi)
 fn k4(j: u32, lo: u32, hi: u32, kvh: u32, d: u32) -> vec4<f32> {
-    let i = (ring_base + j % p.cap) * p.n_kv_heads * p.head_dim + kvh * p.head_dim + d;
+    var slot = j % p.cap;
+    if (BLOCKS) {
+        slot += ring_base;
+    }
+    let i = slot * p.n_kv_heads * p.head_dim + kvh * p.head_dim + d;
     let v = vec4<f32>(k_at(i), k_at(i + 1u), k_at(i + 2u), k_at(i + 3u));
     return select(vec4<f32>(0.0), v, dims_ok(d) & vec4<bool>(j >= lo && j <= hi));
 }
 
 fn v4(j: u32, lo: u32, hi: u32, kvh: u32, d: u32) -> vec4<f32> {
-    let i = (ring_base + j % p.cap) * p.n_kv_heads * p.head_dim + kvh * p.head_dim + d;
+    var slot = j % p.cap;
+    if (BLOCKS) {
+        slot += ring_base;
+    }
+    let i = slot * p.n_kv_heads * p.head_dim + kvh * p.head_dim + d;
     let v = vec4<f32>(v_at(i), v_at(i + 1u), v_at(i + 2u), v_at(i + 3u));
     return select(vec4<f32>(0.0), v, dims_ok(d) & vec4<bool>(j >= lo && j <= hi));
 }
@@ -163,7 +172,6 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         return;  // whole workgroup leaves together
     }
     let r0 = (flat / (n_slices * p.n_heads)) * BR;
-    ring_base = 0u;
     attend(tid, flat % (n_slices * p.n_heads), r0, min(BR, p.rows - r0), p.pos0 + r0);
 }
 

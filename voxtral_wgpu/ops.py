@@ -402,7 +402,7 @@ def attention_blocks(gpu: Gpu, q: Mat, k_pool, v_pool, out: Mat, blocks, n_block
     ``n_blocks`` (first row, rows <= ATTENTION_ROWS, position of the first row, ring base slot) whose
     keys sit at slots base + j % cap of the pools. Each row equals what ``attention`` gives it."""
     assert head_dim <= 256 and n_heads % n_kv_heads == 0
-    k = gpu.kernel("attention", "attention_blocks", KV_F16=kv_f16)
+    k = gpu.kernel("attention", "attention_blocks", KV_F16=kv_f16, BLOCKS=True)
     params = pack_params(0, n_heads, n_kv_heads, head_dim, 0, window, cap, q.ld, q.off,
                          out.ld, out.off, float(head_dim) ** -0.5)
     groups = n_blocks * n_heads * -(-head_dim // ATTENTION_DIMS)
