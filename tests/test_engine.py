@@ -147,7 +147,7 @@ def test_dropped_streams_give_their_memory_back(model, gpu):
 
 
 def test_scheduler_failure_reaches_every_stream(model, monkeypatch):
-    def broken(self, sessions):
+    def broken(self, sessions, advance=None):
         raise RuntimeError("injected failure")
 
     monkeypatch.setattr(batch_mod.DecodeBatch, "step", broken)

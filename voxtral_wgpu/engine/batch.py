@@ -49,9 +49,13 @@ class DecodeBatch:
         """Drop the recorded step (call before a session's buffers are released: it binds them)."""
         self._plan = self._plan_key = None
 
-    def step(self, sessions: list) -> None:
-        """Decode position ``s.next_pos`` of every session (at most ``rows``; all prefilled) and advance
-        it; each token lands in its session's GPU token ring, read back later."""
+    def step(self, sessions: list, advance=None) -> None:
+        """Decode position ``s.next_pos`` of every session (at most ``rows``; all prefilled); each token
+        lands in its session's GPU token ring, read back later. Only the sessions in ``advance`` (default
+        all) move on to their next position: the others' rows are placeholders that keep the batch (and
+        its recorded step) the same from step to step. A placeholder row writes only what the real step
+        at that position writes again before anything reads it: the position's key and value, the
+        token after it, its rotation row; it reads an audio-ring row that may be stale."""
         assert 0 < len(sessions) <= self.rows
         g = self.gpu
         sessions = sorted(sessions, key=lambda s: s.n_delay)
@@ -73,7 +77,8 @@ class DecodeBatch:
         else:  # CPU embeddings read each step's token back: not a fixed list of dispatches
             self._record(sessions)
         for s in sessions:
-            s.next_pos += 1
+            if advance is None or s in advance:
+                s.next_pos += 1
 
     def _record(self, sessions: list) -> None:
         """The step's graph; per-row dispatches name their step values ``value#row``."""

@@ -291,16 +291,20 @@ class Engine:
                 sess.next_pos = L - 1
                 sess.prefilled = True
         self._stats["encode_s"] += time.perf_counter() - t_enc
+        # Every decoding stream has a row in each step, runnable or not (placeholder rows, see
+        # DecodeBatch.step), so the batch changes only when streams join or end and its recorded step
+        # is replayed: with only the runnable ones, streams fed at their own times made a new batch
+        # (and a full recording) almost every step.
+        batch = [s.session for s in live if s.session.prefilled and not s.session.done]
         for _ in range(STEPS_PER_TICK):
-            rows = [s.session for s in live if s.session.prefilled and not s.session.done
-                    and s.session.next_pos < _limit(s.session)]
-            if not rows:
+            runnable = {s for s in batch if s.next_pos < _limit(s)}
+            if not runnable:
                 break
             t = time.perf_counter()
-            self._batch.step(rows)
+            self._batch.step(batch, runnable)
             self._stats["step_s"] += time.perf_counter() - t
             self._stats["steps"] += 1
-            self._stats["rows"] += len(rows)
+            self._stats["rows"] += len(runnable)
         self.gpu.flush()
         # ids of the previous tick (its copies ran before this tick's work), then this tick's copies,
         # all streams' through one readback
