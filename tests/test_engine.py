@@ -278,3 +278,11 @@ def test_attention_blocks_equal_per_stream_attention(gpu, kv_f16):
                              kv_f16=kv_f16)
         got = gpu.read(out, np.float32, R * n_heads * hd)
         assert got.view(np.uint32).tolist() == np.concatenate(want).view(np.uint32).tolist(), c
+
+
+def test_engine_too_big_for_the_device_is_a_clear_error(model, gpu, monkeypatch):
+    base = gpu.bytes_allocated
+    monkeypatch.setattr(gpu, "max_buffer", 1 << 16)  # the encoder's pools no longer fit one buffer
+    with pytest.raises(EngineError, match="max_streams=64"):
+        Engine(model, max_streams=64)
+    assert gpu.bytes_allocated == base

@@ -22,6 +22,18 @@ from ..model import STEP_REPLAY, STEP_TABLE_RING, TOKEN_RING
 from ..ops import Mat
 
 
+def allocate(gpu, sizes: dict, prefix: str) -> dict:
+    """GPU buffers ``{name: bytes}`` labelled ``prefix.name``; all or none (a failure frees those made)."""
+    made = {}
+    try:
+        for name, nbytes in sizes.items():
+            made[name] = gpu.empty(nbytes, f"{prefix}.{name}")
+    except BaseException:
+        gpu.release(*made.values())
+        raise
+    return made
+
+
 class DecodeBatch:
     """Activation buffers for up to ``rows`` decoder rows, and the batched step over sessions."""
 
@@ -30,20 +42,17 @@ class DecodeBatch:
         self.model, self.gpu, self.rows = model, g, int(rows)
         R = self.rows
         dq, dkv = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
-        self.x = g.empty(4 * R * d.dim, "batch.x")
-        self.xb = g.empty(4 * R * d.dim, "batch.xb")
-        self.qkv = g.empty(4 * R * (dq + 2 * dkv), "batch.qkv")
-        self.att = g.empty(4 * R * dq, "batch.att")
-        self.f1 = g.empty(4 * R * d.hidden_dim, "batch.f1")
-        self.f3 = g.empty(4 * R * d.hidden_dim, "batch.f3")
-        self.z = g.empty(4 * R * d.dim, "batch.z")
-        self.logits = g.empty(4 * R * d.vocab_size, "batch.logits")
-        self.nbytes = sum(b.size for b in (self.x, self.xb, self.qkv, self.att, self.f1, self.f3, self.z, self.logits))
+        self._buffers = allocate(g, dict(
+            x=4 * R * d.dim, xb=4 * R * d.dim, qkv=4 * R * (dq + 2 * dkv), att=4 * R * dq, f1=4 * R * d.hidden_dim,
+            f3=4 * R * d.hidden_dim, z=4 * R * d.dim, logits=4 * R * d.vocab_size), "batch")
+        for name, buf in self._buffers.items():
+            setattr(self, name, buf)
+        self.nbytes = sum(b.size for b in self._buffers.values())
         self._plan = self._plan_key = None
 
     def release(self) -> None:
         self.forget()
-        self.gpu.release(self.x, self.xb, self.qkv, self.att, self.f1, self.f3, self.z, self.logits)
+        self.gpu.release(*self._buffers.values())
 
     def forget(self) -> None:
         """Drop the recorded step (call before a session's buffers are released: it binds them)."""

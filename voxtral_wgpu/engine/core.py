@@ -3,9 +3,10 @@
 Each tick the scheduler takes the audio the streams were fed since the last one (their log-mel
 frames, computed on the feeding thread), records the encoder over every stream's newly complete
 positions and the prefill of streams that just got their prompt's audio, then decoder steps: each
-step one row per stream with a runnable position (:class:`~voxtral_wgpu.engine.batch.DecodeBatch`),
-until no stream has one (or ``STEPS_PER_TICK`` steps). Token ids come back through copies of the
-streams' token rings taken one tick later, so no readback waits for the work just submitted.
+step one row per decoding stream (:class:`~voxtral_wgpu.engine.batch.DecodeBatch`; streams without a
+runnable position ride along with a placeholder row, so the recorded step is replayed), until no
+stream has a runnable position (or ``STEPS_PER_TICK`` steps). Token ids come back through one copy of
+the streams' token rings taken one tick later, so no readback waits for the work just submitted.
 
 Streams join and leave between ticks. A stream's ids equal ``Model.transcribe()``'s on the same
 audio and delay, whatever the other streams do (every kernel gives a row the bits it has alone).
@@ -80,8 +81,16 @@ class Engine:
         self._stats = {"ticks": 0, "steps": 0, "rows": 0, "step_s": 0.0, "tick_s": 0.0, "encode_s": 0.0}
         self._free = list(range(max_streams))  # places in the encoder's KV pools
         with self.gpu.exclusive():
-            self._batch = DecodeBatch(model, max_streams)
-            self._encoder = BatchEncoder(model, max_streams)
+            before = self.gpu.bytes_allocated
+            try:
+                self._batch = DecodeBatch(model, max_streams)
+                self._encoder = BatchEncoder(model, max_streams)
+            except Exception as e:  # out of GPU memory, or a buffer over the device's limits
+                if hasattr(self, "_batch"):  # (each part frees its own buffers when it fails)
+                    self._batch.release()
+                raise EngineError(f"the engine's buffers for max_streams={max_streams} do not fit this GPU "
+                                  f"({e}); create it with a smaller max_streams") from e
+            self.buffer_bytes = self.gpu.bytes_allocated - before
         self._thread = threading.Thread(target=self._run, name="voxtral-engine", daemon=True)
         self._thread.start()
 

@@ -22,6 +22,7 @@ import numpy as np
 from .. import ops
 from ..model import CONV0_CONTEXT, ENC_FRAMES_PER_POSITION, LAYERS_PER_SUBMIT, MEL_FRAMES_PER_POSITION
 from ..ops import ACT_GELU, Mat
+from .batch import allocate
 
 POSITIONS_PER_TICK = 8  # encoder positions a stream gets per tick at most (the batch's rows: 32 a stream)
 
@@ -46,12 +47,15 @@ class BatchEncoder:
             f1=f * R * e.hidden_dim, f3=f * R * e.hidden_dim, out=f * R * e.dim,
             a1=f * max_streams * positions * d.dim, rope=f * R * e.head_dim, slots=4 * R,
             blocks=16 * max_streams * -(-S // ops.ATTENTION_ROWS))
-        for name, nbytes in bufs.items():
-            setattr(self, name, g.empty(nbytes, f"engine.enc.{name}"))
         ring = kv_bytes * max_streams * self.cap * ekv
-        self.k_pool = [g.empty(ring, f"engine.enc.k{i}") for i in range(e.n_layers)]
-        self.v_pool = [g.empty(ring, f"engine.enc.v{i}") for i in range(e.n_layers)]
-        self._buffers = [getattr(self, n) for n in bufs] + self.k_pool + self.v_pool
+        for i in range(e.n_layers):
+            bufs[f"k{i}"] = bufs[f"v{i}"] = ring
+        made = allocate(g, bufs, "engine.enc")
+        for name, buf in made.items():
+            setattr(self, name, buf)
+        self.k_pool = [made[f"k{i}"] for i in range(e.n_layers)]
+        self.v_pool = [made[f"v{i}"] for i in range(e.n_layers)]
+        self._buffers = list(made.values())
         self.nbytes = sum(b.size for b in self._buffers)
         self.bytes_per_stream = 2 * e.n_layers * kv_bytes * self.cap * ekv
 
