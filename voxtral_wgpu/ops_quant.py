@@ -214,9 +214,9 @@ def _sc(w: QuantWeight, chunk) -> int:
     return chunk_layout(w.dtype, chunk[2], w.k)[1] // 16
 
 
-def _matvec_kernel(gpu: Gpu, w: QuantWeight, m: int, entry: str = "matvec", norm: bool = False):
-    """The decode kernel for ``m`` input rows and the output rows each workgroup covers. One
-    pipeline serves every row count (MATVEC_ROWS_PER_GROUP), so a row's result never depends on it."""
+def _matvec_kernel(gpu: Gpu, w: QuantWeight, entry: str = "matvec", norm: bool = False):
+    """The decode kernel and the output rows each workgroup covers. One pipeline serves every number
+    of input rows (MATVEC_ROWS_PER_GROUP), so a row's result never depends on it."""
     kind = "lm_head" if w.n >= LM_HEAD_ROWS else entry
     lw, rg, rpt, ub = MATVEC_SPLITS[kind]
     assert lw & (lw - 1) == 0 and rg & (rg - 1) == 0 and lw * rg <= 256 and 1 <= rpt <= 4 and 1 <= ub <= 4, \
@@ -259,7 +259,7 @@ def linear(gpu: Gpu, x, w: QuantWeight, y, *, act: int = 0, accumulate: bool = F
                          scale_offset=lambda chunk: _sc(w, chunk))
         return
     if use_mv:
-        kern, rows_per_group = _matvec_kernel(gpu, w, x.rows, norm=norm is not None)
+        kern, rows_per_group = _matvec_kernel(gpu, w, norm=norm is not None)
     else:  # x not 16-byte aligned: linear_quant.wgsl's 64x64 tiles
         kern = gpu.kernel("linear_quant", "matmul", Q8=w.dtype == "q8_0", F16_HW=F16_HW)
     for chunk in w.chunks:
@@ -284,7 +284,7 @@ def swiglu_ffn_in(gpu: Gpu, x, w1: QuantWeight, w3: QuantWeight, out, *, norm, e
             and w1.bias is None and w3.bias is None):
         return False
     assert out.cols == w1.n and out.rows == x.rows
-    kern, rows_per_group = _matvec_kernel(gpu, w1, x.rows, "matvec_swiglu", norm=norm is not None)
+    kern, rows_per_group = _matvec_kernel(gpu, w1, "matvec_swiglu", norm=norm is not None)
     c1, c3 = w1.chunks[0], w3.chunks[0]
     params = pack_params(x.rows, w1.n, w1.k, x.ld, x.off, out.ld, out.off, 0, 0, 0, 0, int(norm is not None),
                          float(eps), 0, 0, _sc(w1, c1), _sc(w3, c3), 0, _row_groups(x.rows))
@@ -303,7 +303,7 @@ def qkv_proj(gpu: Gpu, x, wq: QuantWeight, wk: QuantWeight, wv: QuantWeight, qkv
         return False
     n = wq.n + wk.n + wv.n
     assert qkv.cols == n and qkv.rows == x.rows
-    kern, rows_per_group = _matvec_kernel(gpu, wq, x.rows, "matvec_qkv", norm=norm is not None)
+    kern, rows_per_group = _matvec_kernel(gpu, wq, "matvec_qkv", norm=norm is not None)
     cq, ck, cv = (w.chunks[0] for w in ws)
     params = pack_params(x.rows, n, wq.k, x.ld, x.off, qkv.ld, qkv.off, 0, 0, 0, 0, int(norm is not None),
                          float(eps), wq.n, wk.n, _sc(wq, cq), _sc(wk, ck), _sc(wv, cv), _row_groups(x.rows))
