@@ -84,6 +84,18 @@ def test_transcribe_many_equals_transcribe(model):
         assert tr.token_ids == ref.token_ids and tr.text == ref.text
 
 
+def test_model_transcribe_many(model, tmp_path):
+    """Model.transcribe_many (an engine for the call; paths and arrays) equals transcribe() one by one."""
+    import soundfile as sf
+
+    path = tmp_path / "a.wav"
+    sf.write(path, CLIPS["speech1.3"], 16000, subtype="FLOAT")
+    audios = [str(path), CLIPS["chirp2.1"], CLIPS["speech0.4"]]
+    got = model.transcribe_many(audios, transcription_delay_ms=80, max_streams=2)
+    assert [tr.token_ids for tr in got] == [model.transcribe(a, transcription_delay_ms=80).token_ids for a in audios]
+    assert model.transcribe_many([]) == []
+
+
 def test_bad_chunk_is_that_streams_error(model):
     with Engine(model) as engine:
         good = engine.create_stream()

@@ -123,6 +123,20 @@ class Model(_GraphModel):
             words=words, segments=segments, token_probs=list(probs),
         )
 
+    def transcribe_many(self, audios, *, transcription_delay_ms: int | None = None, progress: bool | None = None,
+                        max_streams: int | None = None) -> list[Transcription]:
+        """Transcribe many recordings through the shared batches of an :class:`~voxtral_wgpu.Engine`
+        made for the call (``max_streams`` at a time, default: as many as there are recordings, at
+        most 64); one Transcription per input, in order, each equal to :meth:`transcribe`'s."""
+        from .engine import Engine
+        from .engine.core import DEFAULT_MAX_STREAMS
+
+        audios = list(audios)
+        if not audios:
+            return []
+        with Engine(self, max_streams=max_streams or min(len(audios), DEFAULT_MAX_STREAMS)) as engine:
+            return engine.transcribe_many(audios, transcription_delay_ms=transcription_delay_ms, progress=progress)
+
     # streaming entry points (voxtral_wgpu/stream.py)
     def create_stream(self, *, transcription_delay_ms: int | None = None) -> Stream:
         """Open a :class:`~voxtral_wgpu.stream.Stream`: ``feed(samples)`` 16 kHz mono audio in chunks of
