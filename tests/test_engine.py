@@ -298,3 +298,35 @@ def test_engine_too_big_for_the_device_is_a_clear_error(model, gpu, monkeypatch)
     with pytest.raises(EngineError, match="max_streams=64"):
         Engine(model, max_streams=64)
     assert gpu.bytes_allocated == base
+
+
+def test_eos_ends_an_engine_stream(model):
+    """A stream whose model emits EOS stops where transcribe() stops; later audio is accepted and
+    ignored without piling up (EOS played by an id the random model emits: eos_id pointed at it)."""
+    import time as _time
+
+    audio = CLIPS["chirp2.1"]
+    ids = alone(model, "chirp2.1", 160)
+    k = next(i for i in range(5, len(ids)) if ids[i] not in ids[:i])
+    tok = model.tokenizer
+    saved = tok.eos_id
+    tok.eos_id = ids[k]
+    try:
+        with Engine(model) as engine:
+            s = engine.create_stream(transcription_delay_ms=160)
+            for i in range(0, len(audio), 1000):
+                s.feed(audio[i:i + 1000])
+            deadline = _time.monotonic() + 60
+            while not s.eos and _time.monotonic() < deadline:
+                _time.sleep(0.01)
+            assert s.eos
+            sess = s._slot.session
+            pending = len(sess._mel_pending)
+            for _ in range(20):
+                s.feed(audio[:4000])
+            _time.sleep(0.1)
+            assert len(sess._mel_pending) == pending and not s._slot.frames
+            s.finish()
+            assert s.token_ids == ids[:k]
+    finally:
+        tok.eos_id = saved

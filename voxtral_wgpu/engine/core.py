@@ -278,8 +278,9 @@ class Engine:
                 continue
             if slot.finished.is_set():
                 continue
-            for f in frames:
-                sess.push_mel(f)
+            if not sess.done:  # after EOS the audio is ignored (it would only pile up)
+                for f in frames:
+                    sess.push_mel(f)
             if total is not None and sess.total_positions is None:
                 sess.close(total)
             live.append(slot)

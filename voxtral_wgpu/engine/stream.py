@@ -72,7 +72,9 @@ class EngineStream(TranscriptView):
                                         "create a new one with engine.create_stream()")
             self._raise_failure()
             x = as_chunk(samples)
-            if x.size:
+            if x.size and self._slot.session.done:  # EOS: the transcript is complete, audio is ignored
+                self._n_samples += x.size
+            elif x.size:
                 t = time.perf_counter()
                 self._n_samples += x.size
                 with self._arrivals_lock:
