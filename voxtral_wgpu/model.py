@@ -74,6 +74,27 @@ def ada_scales(weights: Weights, n_delay: int) -> list[np.ndarray]:
     return out
 
 
+def encoder_layers(gpu: Gpu, weights: Weights, h: Mat, xb: Mat, qkv: Mat, att: Mat, f1: Mat, f3: Mat,
+                   attend) -> None:
+    """The encoder's transformer layers (spec §4.2) over the rows of ``h`` ``[rows, 1280]``, in place.
+    ``attend(i)`` records layer i's attention from the rotated-to-be q | k | v in ``qkv``: the rows'
+    keys and values into their ring(s), then ``att`` (one session's ring in ``Session``, every
+    stream's ring in the engine's pools). Every linear is ``batch_invariant``: a row's result must not
+    depend on how positions were batched (streaming chunks, offline batches, many streams' rows),
+    or streaming would drift from offline by float rounding and flip near-tie tokens."""
+    e = weights.cfg.encoder
+    for i, layer in enumerate(weights.enc_layers):
+        ops.qkv_proj(gpu, h, layer.wq, layer.wk, layer.wv, qkv, norm=layer.attention_norm, eps=e.norm_eps,
+                     scratch=xb, batch_invariant=True)
+        attend(i)
+        ops.linear(gpu, att, layer.wo, h, accumulate=True, batch_invariant=True)
+        ops.swiglu_ffn_in(gpu, h, layer.w1, layer.w3, f1, norm=layer.ffn_norm, eps=e.norm_eps, scratch=xb, tmp=f3,
+                          batch_invariant=True)
+        ops.linear(gpu, f1, layer.w2, h, accumulate=True, batch_invariant=True)
+        if i % LAYERS_PER_SUBMIT == LAYERS_PER_SUBMIT - 1:
+            gpu.flush()  # the GPU starts on these layers while the host records the rest
+
+
 class Model:
     """A loaded model on one GPU: weights, shared kernels and per-delay constants."""
 
@@ -365,14 +386,11 @@ class Session:
         g.write(st.rope, ops.rope_table(np.arange(p0, p0 + S), e.head_dim, e.rope_theta))
         xb, qkv = Mat.of(st.xb, S, e.dim), Mat.of(st.qkv, S, eq + 2 * ekv)
         att, f1, f3 = Mat.of(st.att, S, eq), Mat.of(st.f1, S, e.hidden_dim), Mat.of(st.f3, S, e.hidden_dim)
-        # batch_invariant everywhere: a row's result must not depend on how positions were batched
-        # (streaming chunks vs offline batches), or streaming would drift from offline by rounding.
         row_bytes = self.kv_bytes * ekv
         seen = min(p0, st.hist)  # earlier positions the chunk's queries see, p0 - seen .. p0 - 1
         kept = min(S, st.hist)  # the chunk's positions the next chunk sees
-        for i, layer in enumerate(w.enc_layers):
-            ops.qkv_proj(g, h, layer.wq, layer.wk, layer.wv, qkv, norm=layer.attention_norm, eps=e.norm_eps,
-                         scratch=xb, batch_invariant=True)
+
+        def attend(i: int) -> None:  # through the shared ring: layer i's history in, the chunk's rows out
             ops.ring_copy(g, st.k_hist[i], st.v_hist[i], st.hist, st.k_work, st.v_work, st.cap, p0 - seen, seen,
                           row_bytes)
             ops.rope_qkv(g, st.rope, qkv, st.k_work, st.v_work, n_heads=e.n_heads, n_kv_heads=e.n_kv_heads,
@@ -382,12 +400,8 @@ class Session:
                           kv_f16=self.kv_f16)
             ops.ring_copy(g, st.k_work, st.v_work, st.cap, st.k_hist[i], st.v_hist[i], st.hist, p0 + S - kept, kept,
                           row_bytes)
-            ops.linear(g, att, layer.wo, h, accumulate=True, batch_invariant=True)
-            ops.swiglu_ffn_in(g, h, layer.w1, layer.w3, f1, norm=layer.ffn_norm, eps=e.norm_eps, scratch=xb, tmp=f3,
-                              batch_invariant=True)
-            ops.linear(g, f1, layer.w2, h, accumulate=True, batch_invariant=True)
-            if i % LAYERS_PER_SUBMIT == LAYERS_PER_SUBMIT - 1:
-                g.flush()
+
+        encoder_layers(g, w, h, xb, qkv, att, f1, f3, attend)
         out = Mat.of(st.out, S, e.dim)
         ops.rms_norm(g, h, w.enc_norm, out, e.norm_eps)
         self._tap("encoder", st.out, S, e.dim)

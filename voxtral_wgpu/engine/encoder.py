@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import ops
-from ..model import CONV0_CONTEXT, ENC_FRAMES_PER_POSITION, LAYERS_PER_SUBMIT, MEL_FRAMES_PER_POSITION
+from ..model import CONV0_CONTEXT, ENC_FRAMES_PER_POSITION, MEL_FRAMES_PER_POSITION, encoder_layers
 from ..ops import ACT_GELU, Mat
 from .batch import allocate
 
@@ -110,18 +110,13 @@ class BatchEncoder:
         att, f1, f3 = Mat.of(self.att, R, eq), Mat.of(self.f1, R, e.hidden_dim), Mat.of(self.f3, R, e.hidden_dim)
         heads = dict(n_heads=e.n_heads, n_kv_heads=e.n_kv_heads, head_dim=e.head_dim)
         kv_f16 = self.model.kv_f16
-        for i, layer in enumerate(w.enc_layers):
-            ops.qkv_proj(g, h, layer.wq, layer.wk, layer.wv, qkv, norm=layer.attention_norm, eps=e.norm_eps,
-                         scratch=xb, batch_invariant=True)
+
+        def attend(i: int) -> None:  # each row's key and value into its stream's ring of the pool
             ops.rope_qkv_slots(g, self.rope, qkv, self.k_pool[i], self.v_pool[i], self.slots, **heads, kv_f16=kv_f16)
             ops.attention_blocks(g, qkv.cols_(0, eq), self.k_pool[i], self.v_pool[i], att, self.blocks, len(blocks),
                                  **heads, window=e.sliding_window, cap=self.cap, kv_f16=kv_f16)
-            ops.linear(g, att, layer.wo, h, accumulate=True, batch_invariant=True)
-            ops.swiglu_ffn_in(g, h, layer.w1, layer.w3, f1, norm=layer.ffn_norm, eps=e.norm_eps, scratch=xb, tmp=f3,
-                              batch_invariant=True)
-            ops.linear(g, f1, layer.w2, h, accumulate=True, batch_invariant=True)
-            if i % LAYERS_PER_SUBMIT == LAYERS_PER_SUBMIT - 1:
-                g.flush()
+
+        encoder_layers(g, w, h, xb, qkv, att, f1, f3, attend)
         out = Mat.of(self.out, R, e.dim)
         ops.rms_norm(g, h, w.enc_norm, out, e.norm_eps)
 
