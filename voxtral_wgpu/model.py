@@ -410,6 +410,12 @@ class Session:
         d = self.cfg.decoder
         a1 = Mat.of(st.a1, n, d.dim)
         ops.linear(g, out.reshape_rows(ENC_FRAMES_PER_POSITION), w.adapter0, a1, act=ACT_GELU, batch_invariant=True)
+        self._adapter_out(a1)
+
+    def _adapter_out(self, a1: Mat) -> None:
+        """The adapter's second linear over ``a1 [n, 3072]`` (its hidden rows of the next n positions)
+        into the audio-embedding ring, wrapping at its end; those n positions are then encoded."""
+        g, w, d, n = self.gpu, self.model.weights, self.cfg.decoder, a1.rows
         ring = Mat.of(self.dec.audio, self.dec.acap, d.dim)
         first = self.positions_encoded % self.dec.acap
         head = min(n, self.dec.acap - first)

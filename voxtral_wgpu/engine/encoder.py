@@ -124,12 +124,5 @@ class BatchEncoder:
         a1 = Mat.of(self.a1, R // ENC_FRAMES_PER_POSITION, d.dim)
         ops.linear(g, out.reshape_rows(ENC_FRAMES_PER_POSITION), w.adapter0, a1, act=ACT_GELU, batch_invariant=True)
         for sess, n, _, _, r0 in layout:
-            a = a1.take(r0 // ENC_FRAMES_PER_POSITION, n)
-            ring = Mat.of(sess.dec.audio, sess.dec.acap, d.dim)
-            first = sess.positions_encoded % sess.dec.acap
-            head = min(n, sess.dec.acap - first)
-            ops.linear(g, a.take(0, head), w.adapter2, ring.take(first, head), batch_invariant=True)
-            if head < n:
-                ops.linear(g, a.take(head, n - head), w.adapter2, ring.take(0, n - head), batch_invariant=True)
-            sess.positions_encoded += n
+            sess._adapter_out(a1.take(r0 // ENC_FRAMES_PER_POSITION, n))
         g.flush()
