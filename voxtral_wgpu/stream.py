@@ -262,6 +262,24 @@ class TranscriptView:
     def finished(self) -> bool:
         return self._finished
 
+    def _emit(self, piece: str, last: int | None = None) -> TextDelta | None:
+        """A delta for the characters ``piece`` that id ``last`` (default: the last id) completed
+        (the subclass also provides ``_delta_first``, the first id not yet in a delta)."""
+        body = self._text.push(piece)
+        if not body:
+            return None
+        ids = self._session.generated
+        end_index = len(ids) - 1 if last is None else last
+        first = self._delta_first
+        self._delta_first = end_index + 1
+        chunk = tuple(ids[first:end_index + 1])
+        ns = self.tokenizer.num_special
+        text_idx = [first + k for k, t in enumerate(chunk) if t >= ns] or [end_index]
+        duration = self.duration_s if self._finished else None
+        start = token_time(text_idx[0], duration)[0]
+        end = token_time(end_index, duration)[1]
+        return TextDelta(body, start, end, chunk)
+
     def result(self):
         """The :class:`~voxtral_wgpu.api.Transcription` of everything decoded so far (complete after
         ``finish()``)."""
@@ -376,7 +394,7 @@ class Stream(TranscriptView):
                     events = self._decode()
                 else:
                     events = []
-                tail = self._emit(self._text_decoder.flush(), final=True)
+                tail = self._emit(self._text_decoder.flush())
                 if tail is not None:
                     events.append(tail)
                 return events
@@ -433,7 +451,7 @@ class Stream(TranscriptView):
         events = []
         ids = self._session.generated
         for i in range(first, first + len(new)):
-            ev = self._emit(self._text_decoder.push(ids[i]), final=False, last=i)
+            ev = self._emit(self._text_decoder.push(ids[i]), last=i)
             if ev is not None:
                 events.append(ev)
         return events
@@ -449,23 +467,6 @@ class Stream(TranscriptView):
             while len(arrivals) > 1 and arrivals[0][0] < need:
                 arrivals.popleft()
             self.latencies.append(t_return - arrivals[0][1])
-
-    def _emit(self, piece: str, *, final: bool, last: int | None = None) -> TextDelta | None:
-        """A delta for the characters ``piece`` that id ``last`` (default: the last id) completed."""
-        body = self._text.push(piece)
-        if not body:
-            return None
-        ids = self._session.generated
-        end_index = len(ids) - 1 if last is None else last
-        first = self._delta_first
-        self._delta_first = end_index + 1
-        chunk = tuple(ids[first:end_index + 1])
-        ns = self.tokenizer.num_special
-        text_idx = [first + k for k, t in enumerate(chunk) if t >= ns] or [end_index]
-        duration = self.duration_s if self._finished else None
-        start = token_time(text_idx[0], duration)[0]
-        end = token_time(end_index, duration)[1]
-        return TextDelta(body, start, end, chunk)
 
 
 class TextAssembler:

@@ -18,8 +18,7 @@ import weakref
 import numpy as np
 
 from .. import audio as audio_mod
-from ..stream import (LOOK_AHEAD_SAMPLES, StreamClosedError, TextAssembler, TextDelta, TranscriptView, as_chunk,
-                      token_time)
+from ..stream import LOOK_AHEAD_SAMPLES, StreamClosedError, TextAssembler, TextDelta, TranscriptView, as_chunk
 from .core import EngineError, _finalize_slot
 
 
@@ -200,24 +199,12 @@ class EngineStream(TranscriptView):
         n = len(ids)
         events = []
         for i in range(self._seen, n):
-            ev = self._emit(self._text_decoder.push(ids[i]), ids, i)
+            ev = self._emit(self._text_decoder.push(ids[i]), i)
             if ev is not None:
                 events.append(ev)
         self._seen = n
         if final:
-            ev = self._emit(self._text_decoder.flush(), ids, n - 1)
+            ev = self._emit(self._text_decoder.flush(), n - 1)
             if ev is not None:
                 events.append(ev)
         return events
-
-    def _emit(self, piece: str, ids, last: int) -> TextDelta | None:
-        body = self._text.push(piece)
-        if not body:
-            return None
-        first = self._delta_first
-        self._delta_first = last + 1
-        chunk = tuple(ids[first:last + 1])
-        ns = self.tokenizer.num_special
-        text_idx = [first + k for k, t in enumerate(chunk) if t >= ns] or [last]
-        duration = self.duration_s if self._finished else None
-        return TextDelta(body, token_time(text_idx[0], duration)[0], token_time(last, duration)[1], chunk)
